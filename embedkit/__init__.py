@@ -1,0 +1,7 @@
+"""embedkit: turn any decoder-only LLM into a text encoder."""
+
+from embedkit.backbone import load_backbone, resolve_spec
+from embedkit.embedder import Embedder, EmbedderConfig
+
+__all__ = ["Embedder", "EmbedderConfig", "load_backbone", "resolve_spec"]
+__version__ = "0.1.0"

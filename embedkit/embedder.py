@@ -1,0 +1,362 @@
+"""Embedder: backbone -> attention mode -> pooling -> (normalise), with fast encode and a saved form that
+``SentenceTransformer(path)`` loads.
+
+The saved folder is a Hugging Face model folder (``config.json`` carries ``is_causal``), plus
+sentence-transformers' ``modules.json`` / ``1_Pooling`` / ``2_Normalize``, plus ``embedkit.json`` (this
+module's ``EmbedderConfig``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from embedkit import attention as attn
+from embedkit.backbone import load_backbone, load_tokenizer
+from embedkit.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, Tokenized, collate, plan_batches, tokenize
+from embedkit.pooling import (
+    ST_POOLING_MODE,
+    LatentAttentionConfig,
+    LatentAttentionPooling,
+    check_pooling,
+    pool,
+)
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "embedkit.json"
+PROGRESS_BAR_MIN_TEXTS = 2000
+
+# Hidden-state hook: (embedder, input_ids, attention_mask) -> hidden states (B, L, H). Methods such as
+# Token Prepending install one to change how the backbone is run; the default runs it plainly.
+ForwardHook = Callable[["Embedder", torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class EmbedderConfig:
+    """Everything that defines an embedder besides its weights; saved as ``embedkit.json``."""
+
+    backbone: str
+    attention: str = "causal"
+    pooling: str = "mean"
+    max_length: int = 512
+    normalize: bool = True
+    dtype: str = "auto"
+    query_instruction: str | None = None
+    document_instruction: str | None = None
+    template: str | None = None  # e.g. PromptEOL 'This sentence : "{text}" means in one word:"'
+    latent_attention: dict | None = None  # LatentAttentionConfig fields when pooling == latent_attention
+    methods: dict = field(default_factory=dict)  # settings of extra methods (token prepending, ...)
+
+    def __post_init__(self) -> None:
+        attn.check_mode(self.attention)
+        check_pooling(self.pooling)
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {self.max_length}.")
+        if self.template is not None and "{text}" not in self.template:
+            raise ValueError(f"template must contain '{{text}}', got {self.template!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EmbedderConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown EmbedderConfig keys {unknown}; valid: {sorted(known)}.")
+        return cls(**data)
+
+
+class Embedder(nn.Module):
+    """A decoder LLM used as a text encoder. Build with ``from_pretrained``, reload with ``load``."""
+
+    def __init__(self, backbone: nn.Module, tokenizer, config: EmbedderConfig, pooler: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.config = config
+        self.pooler = pooler
+        self.attention_bias: attn.AttentionBias | None = None
+        self.forward_hook: ForwardHook | None = None
+        attn.set_mode(backbone, config.attention)
+        if config.pooling == "latent_attention" and pooler is None:
+            raise ValueError("pooling='latent_attention' needs a LatentAttentionPooling module.")
+
+    # -- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        spec: str | os.PathLike,
+        *,
+        attention: str = "causal",
+        pooling: str = "mean",
+        dtype: str | torch.dtype = "auto",
+        max_length: int = 512,
+        normalize: bool = True,
+        device: str = "cpu",
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        query_instruction: str | None = None,
+        document_instruction: str | None = None,
+        template: str | None = None,
+        latent_attention: dict | None = None,
+        backbone: nn.Module | None = None,
+        tokenizer=None,
+    ) -> Embedder:
+        """Load a backbone from any spec (hub id, folder, .gguf, alias) and wrap it as an embedder.
+
+        Pass ``backbone`` and ``tokenizer`` to wrap an already-loaded model (e.g. peft-wrapped) instead.
+        """
+        dtype_name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+        config = EmbedderConfig(
+            backbone=str(spec), attention=attention, pooling=pooling, max_length=max_length,
+            normalize=normalize, dtype=dtype_name, query_instruction=query_instruction,
+            document_instruction=document_instruction, template=template,
+        )
+        if backbone is None:
+            backbone, tokenizer = load_backbone(
+                spec, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
+            )
+        pooler = None
+        if pooling == "latent_attention":
+            la = LatentAttentionConfig(hidden_size=backbone.config.hidden_size, **(latent_attention or {}))
+            config.latent_attention = asdict(la)
+            pooler = LatentAttentionPooling(la).to(device)
+        return cls(backbone, tokenizer, config, pooler)
+
+    # -- properties ----------------------------------------------------------------------------------------
+    @property
+    def dimension(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.get_input_embeddings().weight.device
+
+    def set_attention(self, mode: str) -> None:
+        """Switch causal <-> bidirectional on the loaded model (verified by a probe)."""
+        attn.set_mode(self.backbone, mode)
+        self.config.attention = mode
+
+    # -- forward -------------------------------------------------------------------------------------------
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (B, L, H) under the current attention mode, bias and forward hook."""
+        if self.forward_hook is not None:
+            return self.forward_hook(self, input_ids, attention_mask)
+        inputs = attn.model_inputs(self.backbone, input_ids, attention_mask, self.attention_bias)
+        return self.backbone(**inputs, use_cache=False).last_hidden_state
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Un-normalised embeddings (B, H) with gradients (training uses this)."""
+        pool_mask = attention_mask if pool_mask is None else pool_mask
+        hidden = self.hidden_states(input_ids, attention_mask)
+        if self.pooler is not None:
+            return self.pooler.pool(hidden, pool_mask)
+        return pool(self.config.pooling, hidden, attention_mask, pool_mask)
+
+    # -- encode --------------------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str], instruction: str | None = None) -> Tokenized:
+        return tokenize(
+            self.tokenizer, texts, max_length=self.config.max_length, instruction=instruction,
+            template=self.config.template, append_eos=self.config.pooling == "eos",
+        )
+
+    def collate(self, tokenized: Tokenized, rows: Sequence[int] | None = None, padding_side: str = "right"):
+        """Pad some rows of a Tokenized into (input_ids, attention_mask, pool_mask) on this device."""
+        rows = range(len(tokenized)) if rows is None else rows
+        tensors = collate(
+            [tokenized.ids[i] for i in rows], [tokenized.prefix_lengths[i] for i in rows],
+            pad_id=self.tokenizer.pad_token_id, padding_side=padding_side,
+        )
+        return tuple(t.to(self.device) for t in tensors)
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        texts: Sequence[str],
+        instruction: str | None = None,
+        batch_size: int | None = None,
+        normalize: bool | None = None,
+        show_progress_bar: bool | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        padding_side: str = "right",
+    ) -> np.ndarray:
+        """Encode texts to an (n, d) float32 array, in input order.
+
+        Tokenizes once, sorts by length and batches by a padded-token budget (``max_tokens``; ``batch_size``
+        caps texts per batch). ``instruction`` is prepended and attended to, but not pooled.
+        """
+        tokenized = self.tokenize(texts, instruction)
+        if tokenized.n_truncated:
+            logger.warning(
+                "%d of %d texts were longer than max_length=%d tokens and were truncated.",
+                tokenized.n_truncated, len(tokenized), self.config.max_length,
+            )
+        normalize = self.config.normalize if normalize is None else normalize
+        out = np.empty((len(tokenized), self.dimension), dtype=np.float32)
+        if len(tokenized) == 0:
+            return out
+        plan = plan_batches([len(s) for s in tokenized.ids], max_tokens=max_tokens,
+                            max_batch=batch_size or DEFAULT_MAX_BATCH)
+        if show_progress_bar is None:
+            show_progress_bar = len(tokenized) >= PROGRESS_BAR_MIN_TEXTS
+        was_training = self.training
+        self.eval()
+        try:
+            with tqdm(total=len(tokenized), disable=not show_progress_bar, desc="encode", unit="text") as bar:
+                for rows in plan:
+                    vectors = self(*self.collate(tokenized, rows, padding_side)).float()
+                    if normalize:
+                        vectors = torch.nn.functional.normalize(vectors, dim=-1)
+                    out[rows] = vectors.cpu().numpy()
+                    bar.update(len(rows))
+        finally:
+            self.train(was_training)
+        return out
+
+    def encode_queries(self, texts: Sequence[str], **kwargs) -> np.ndarray:
+        """Encode with the query instruction (if the embedder has one)."""
+        return self.encode(texts, instruction=self.config.query_instruction, **kwargs)
+
+    def encode_documents(self, texts: Sequence[str], **kwargs) -> np.ndarray:
+        """Encode with the document instruction (if the embedder has one)."""
+        return self.encode(texts, instruction=self.config.document_instruction, **kwargs)
+
+    # -- identity ------------------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """A short hash of the config and every weight: equal fingerprints mean equal vectors."""
+        digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    # -- save / load -----------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the embedder atomically (temp folder, then rename) as an embedkit + sentence-transformers
+        folder. A peft-wrapped backbone is saved merged."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self._write(tmp)
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    def _write(self, folder: Path) -> None:
+        backbone = merged_copy(self.backbone)
+        backbone.config.is_causal = self.config.attention == "causal"
+        backbone.save_pretrained(folder, safe_serialization=True)
+        tokenizer = copy.deepcopy(self.tokenizer)
+        tokenizer.padding_side = "right"  # sentence-transformers uses arange positions: right padding only
+        tokenizer.save_pretrained(folder)
+        (folder / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
+        self._write_sentence_transformers(folder)
+
+    def _write_sentence_transformers(self, folder: Path) -> None:
+        """The sentence-transformers side: modules.json and each module's config."""
+        cfg = self.config
+        if cfg.pooling == "eos" or cfg.template is not None or self.forward_hook or self.attention_bias:
+            logger.warning(
+                "sentence-transformers cannot reproduce %s: SentenceTransformer(%s) will load but give "
+                "different vectors; use embedkit.Embedder.load for this model.",
+                "pooling='eos'" if cfg.pooling == "eos" else "a template or attention/forward hook", folder,
+            )
+        modules = [{"idx": 0, "name": "0", "path": "",
+                    "type": "sentence_transformers.base.modules.transformer.Transformer"}]
+        (folder / "sentence_bert_config.json").write_text(json.dumps({
+            "transformer_task": "feature-extraction",
+            "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+            "module_output_name": "token_embeddings",
+            "max_seq_length": cfg.max_length,
+        }, indent=2))
+        if self.pooler is not None:
+            modules.append({"idx": 1, "name": "1", "path": "1_LatentAttentionPooling",
+                            "type": "embedkit.pooling.LatentAttentionPooling"})
+            self.pooler.save(str(folder / "1_LatentAttentionPooling"))
+        else:
+            (folder / "1_Pooling").mkdir()
+            (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+                "embedding_dimension": self.dimension, "pooling_mode": ST_POOLING_MODE[cfg.pooling],
+                "include_prompt": False,
+            }, indent=2))
+            modules.append({"idx": 1, "name": "1", "path": "1_Pooling",
+                            "type": "sentence_transformers.sentence_transformer.modules.pooling.Pooling"})
+        if cfg.normalize:
+            (folder / "2_Normalize").mkdir()
+            (folder / "2_Normalize" / "config.json").write_text(json.dumps({
+                "module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"}))
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                            "type": "sentence_transformers.base.modules.normalize.Normalize"})
+        (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+        prompts = {"query": cfg.query_instruction or "", "document": cfg.document_instruction or ""}
+        (folder / "config_sentence_transformers.json").write_text(json.dumps({
+            "model_type": "SentenceTransformer", "prompts": prompts, "default_prompt_name": None,
+            "similarity_fn_name": "cosine",
+        }, indent=2))
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
+        attn_implementation: str | None = None, trust_remote_code: bool = False,
+    ) -> Embedder:
+        """Load what ``save`` wrote. ``dtype`` defaults to the saved config's (``auto`` = the fast dtype)."""
+        path = Path(path)
+        config_path = path / CONFIG_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"{path} is not an embedkit embedder folder (no {CONFIG_FILE}). For a plain model use "
+                "Embedder.from_pretrained(path)."
+            )
+        config = EmbedderConfig.from_dict(json.loads(config_path.read_text()))
+        backbone, _ = load_backbone(
+            path, dtype=dtype or config.dtype, device=device, attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+        tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
+        pooler = None
+        if config.pooling == "latent_attention":
+            pooler = LatentAttentionPooling.load(str(path / "1_LatentAttentionPooling")).to(device)
+        embedder = cls(backbone, tokenizer, config, pooler)
+        from embedkit.methods import apply_methods  # noqa: PLC0415  (methods import the embedder)
+
+        apply_methods(embedder)
+        return embedder
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """The plain transformers model to save: a peft model is merged into a copy; others as they are."""
+    try:
+        from peft import PeftModel  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - peft is a core dependency
+        return model
+    if isinstance(model, PeftModel):
+        return copy.deepcopy(model).merge_and_unload()
+    return model

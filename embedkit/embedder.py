@@ -26,7 +26,14 @@ from tqdm.auto import tqdm
 
 from embedkit import attention as attn
 from embedkit.backbone import load_backbone, load_tokenizer
-from embedkit.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, Tokenized, collate, plan_batches, tokenize
+from embedkit.batching import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_TOKENS,
+    Tokenized,
+    collate,
+    plan_batches,
+    tokenize,
+)
 from embedkit.pooling import (
     ST_POOLING_MODE,
     LatentAttentionConfig,

@@ -1,0 +1,3 @@
+from embedkit.cli import app
+
+app(prog_name="embedkit")

@@ -1,0 +1,140 @@
+"""The ``embedkit`` command: info, embed, demo; later issues add train, encode, index, search, eval."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from embedkit.attention import ATTENTION_MODES
+from embedkit.pooling import POOLING_MODES
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+ModelArg = Annotated[str, typer.Argument(help="Hub id, local HF folder, .gguf file, alias, or saved embedder.")]
+AttentionOpt = Annotated[str, typer.Option(help=f"One of: {', '.join(ATTENTION_MODES)}.")]
+PoolingOpt = Annotated[str, typer.Option(help=f"One of: {', '.join(POOLING_MODES)}.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 where fast, else float32), float32, bfloat16.")]
+
+PROMPT_EOL = 'This sentence : "{text}" means in one word:"'
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def open_embedder(model: str, attention: str | None = None, pooling: str | None = None, dtype: str = "auto",
+                  max_length: int | None = None, **kwargs):
+    """A saved embedder folder loads as saved; any other spec is wrapped with the given settings."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from embedkit.embedder import CONFIG_FILE, Embedder  # noqa: PLC0415
+
+    if (Path(model) / CONFIG_FILE).is_file():
+        embedder = Embedder.load(model, dtype=None if dtype == "auto" else dtype)
+        if attention and attention != embedder.config.attention:
+            embedder.set_attention(attention)
+        return embedder
+    return Embedder.from_pretrained(model, attention=attention or "causal", pooling=pooling or "mean",
+                                    dtype=dtype, max_length=max_length or 512, **kwargs)
+
+
+def run_cli(func, *args, **kwargs):
+    """Run a command body; known errors become one red line (exit 2), no traceback."""
+    try:
+        return func(*args, **kwargs)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as err:
+        _fail(str(err))
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """Turn any decoder-only LLM into a text encoder."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+
+
+@app.command()
+def info(model: ModelArg, attention: AttentionOpt = None, pooling: PoolingOpt = None,
+         dtype: DtypeOpt = "auto") -> None:
+    """Architecture, parameters, layers, hidden size, attention, pooling, dtype."""
+    def body():
+        embedder = open_embedder(model, attention, pooling, dtype)
+        cfg = embedder.backbone.config
+        rows = {
+            "model": model,
+            "architecture": type(embedder.backbone).__name__,
+            "model_type": cfg.model_type,
+            "parameters": sum(p.numel() for p in embedder.parameters()),
+            "layers": cfg.num_hidden_layers,
+            "hidden_size": cfg.hidden_size,
+            "attention": embedder.config.attention,
+            "attn_implementation": getattr(cfg, "_attn_implementation", None),
+            "pooling": embedder.config.pooling,
+            "dtype": str(embedder.backbone.dtype).removeprefix("torch."),
+            "max_length": embedder.config.max_length,
+            "vocab_size": cfg.vocab_size,
+        }
+        width = max(map(len, rows))
+        for key, value in rows.items():
+            typer.echo(f"{key:<{width}}  {value:,}" if isinstance(value, int) else f"{key:<{width}}  {value}")
+    run_cli(body)
+
+
+@app.command()
+def embed(model: ModelArg, texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
+          attention: AttentionOpt = None, pooling: PoolingOpt = None, dtype: DtypeOpt = "auto",
+          instruction: Annotated[str, typer.Option(help="Prepended, attended to, not pooled.")] = None,
+          as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Print the vectors of TEXT... (one per line, or JSON with --json)."""
+    def body():
+        embedder = open_embedder(model, attention, pooling, dtype)
+        vectors = embedder.encode(texts, instruction=instruction)
+        if as_json:
+            typer.echo(json.dumps({"model": model, "dimension": embedder.dimension,
+                                   "embeddings": [[round(float(x), 6) for x in v] for v in vectors]}))
+        else:
+            for text, vector in zip(texts, vectors, strict=True):
+                typer.echo(f"{text[:40]!r}\t" + " ".join(f"{x:.5f}" for x in vector))
+    run_cli(body)
+
+
+DEMO_SETUPS = [
+    ("causal", "mean", None),
+    ("causal", "last", None),
+    ("bidirectional", "mean", None),
+    ("causal", "last", PROMPT_EOL),
+]
+
+
+@app.command()
+def demo(model: Annotated[str, typer.Option(help="Backbone spec.")] = "smollm2-135m",
+         data: Annotated[str, typer.Option(help="Data folder (default ../shared/data).")] = None,
+         dtype: DtypeOpt = "auto", max_length: int = 128) -> None:
+    """The main job on the embedded default: STS-B test Spearman of each attention/pooling setup."""
+    def body():
+        from embedkit.backbone import load_backbone  # noqa: PLC0415
+        from embedkit.datasets import find_data_dir  # noqa: PLC0415
+        from embedkit.embedder import Embedder  # noqa: PLC0415
+        from embedkit.evaluation.sts import sts_spearman  # noqa: PLC0415
+
+        data_dir = find_data_dir(data)
+        typer.echo(f"model {model}, data {data_dir}, STS-B test, max_length {max_length}")
+        backbone, tokenizer = load_backbone(model, dtype=dtype)
+        for attention, pooling, template in DEMO_SETUPS:
+            embedder = Embedder.from_pretrained(model, attention=attention, pooling=pooling,
+                                                max_length=max_length, template=template,
+                                                backbone=backbone, tokenizer=tokenizer)
+            start = time.perf_counter()
+            score = sts_spearman(embedder, data_dir)
+            name = f"{attention} + {pooling}" + (" + PromptEOL" if template else "")
+            typer.echo(f"  {name:<32} Spearman {100 * score:5.1f}   ({time.perf_counter() - start:.1f} s)")
+    run_cli(body)
+
+
+def entry() -> None:  # pragma: no cover
+    app(sys.argv[1:])

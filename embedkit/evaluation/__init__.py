@@ -1,0 +1,1 @@
+"""Evaluation: a fast STS scorer used during training and demos, and the MTEB harness."""

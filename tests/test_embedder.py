@@ -1,0 +1,168 @@
+"""Embedder on the real stories260K model: encode, bad input, save/load, sentence-transformers round trip."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+
+from embedkit import Embedder, EmbedderConfig
+from embedkit.backbone import ModelNotFoundError, fast_dtype, resolve_dtype, resolve_spec
+from embedkit.batching import collate, plan_batches
+
+TEXTS = ["Once upon a time there was a little girl.", "The dog ran to the park.", "Lily liked to play.",
+         "One day, a big bird flew over the house and sang a song for everyone to hear."]
+
+
+@pytest.fixture(scope="module")
+def stories(stories_path):
+    return Embedder.from_pretrained(stories_path, dtype="float32")
+
+
+def test_encode_shape_order_and_norm(stories):
+    vectors = stories.encode(TEXTS)
+    assert vectors.shape == (4, 64) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # order is restored although batches are sorted by length
+    np.testing.assert_allclose(stories.encode(TEXTS[::-1]), vectors[::-1], atol=1e-5)
+    np.testing.assert_allclose(stories.encode(TEXTS, max_tokens=16, batch_size=1), vectors, atol=1e-5)
+    raw = stories.encode(TEXTS, normalize=False)
+    assert np.linalg.norm(raw, axis=1).min() > 1.5  # really un-normalised
+
+
+def test_query_and_document_roles(stories_path):
+    embedder = Embedder.from_pretrained(stories_path, dtype="float32", query_instruction="Question: ",
+                                        document_instruction="Story: ")
+    queries = embedder.encode_queries(TEXTS[:2])
+    documents = embedder.encode_documents(TEXTS[:2])
+    np.testing.assert_allclose(queries, embedder.encode(TEXTS[:2], instruction="Question: "), atol=1e-6)
+    assert np.abs(queries - documents).max() > 1e-3
+
+
+@pytest.mark.parametrize("bad,error,message", [
+    (["ok", ""], ValueError, "Text at index 1 is empty or whitespace only"),
+    (["ok", "   \n"], ValueError, "Text at index 1 is empty or whitespace only"),
+    (["ok", "fine", 3], TypeError, "Text at index 2 is int, not str"),
+    ("just a string", TypeError, "takes a list of texts, got one string"),
+])
+def test_bad_texts(stories, bad, error, message):
+    with pytest.raises(error, match=message):
+        stories.encode(bad)
+
+
+def test_truncation_warns_once_with_count(stories_path, caplog):
+    embedder = Embedder.from_pretrained(stories_path, dtype="float32", max_length=8)
+    with caplog.at_level(logging.WARNING, logger="embedkit.embedder"):
+        vectors = embedder.encode(TEXTS + ["Hi"])
+    messages = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    too_long = sum(len(embedder.tokenizer(t)["input_ids"]) > 8 for t in TEXTS + ["Hi"])
+    assert too_long == 3  # the long story sentences; "Lily liked to play." and "Hi" fit
+    assert messages == ["3 of 5 texts were longer than max_length=8 tokens and were truncated."]
+    assert vectors.shape == (5, 64)
+    assert max(len(s) for s in embedder.tokenize(TEXTS).ids) == 8
+
+
+def test_missing_model_lists_what_was_tried(tmp_path):
+    with pytest.raises(ModelNotFoundError) as err:
+        resolve_spec(tmp_path / "nope")
+    assert "resolved to nothing. Tried:" in str(err.value) and "local folder" in str(err.value)
+    with pytest.raises(ModelNotFoundError, match="Valid aliases: smollm2-135m, gemma3-270m"):
+        Embedder.from_pretrained(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="has no config.json"):
+        resolve_spec(tmp_path / "empty")
+
+
+def test_spec_kinds(stories_path, tmp_path):
+    assert resolve_spec(stories_path).gguf_file is None
+    hub = resolve_spec("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert not hub.is_local and hub.path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_spec(gguf).gguf_file == "m.gguf"
+    smol = resolve_spec("smollm2-135m")  # installed by `make setup`
+    assert smol.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_dtype_choice():
+    assert resolve_dtype("float32") is torch.float32
+    assert resolve_dtype("auto") is fast_dtype("cpu")
+    flags = open("/proc/cpuinfo").read()
+    expected = torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
+    assert fast_dtype("cpu") is expected
+    with pytest.raises(ValueError, match="Unknown dtype 'fp8'; valid: auto, float32, bfloat16, float16"):
+        resolve_dtype("fp8")
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="template must contain"):
+        EmbedderConfig(backbone="x", template="no placeholder")
+    with pytest.raises(ValueError, match="Unknown EmbedderConfig keys \\['colour'\\]"):
+        EmbedderConfig.from_dict({"backbone": "x", "colour": "red"})
+
+
+def test_batch_plan_respects_budget_and_covers_all():
+    lengths = [5, 30, 7, 7, 100, 2, 64]
+    plan = plan_batches(lengths, max_tokens=128, max_batch=3)
+    assert sorted(i for batch in plan for i in batch) == list(range(7))
+    for batch in plan:
+        assert len(batch) <= 3
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 128
+    ids, mask, pool = collate([[1, 2, 3], [4]], [1, 0], pad_id=0, padding_side="left")
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert pool.tolist() == [[0, 1, 1], [0, 0, 1]]
+
+
+@pytest.mark.parametrize("attention,pooling", [("causal", "mean"), ("causal", "last"), ("bidirectional", "mean"),
+                                               ("causal", "weighted_mean"), ("bidirectional", "first")])
+def test_save_load_and_sentence_transformers_round_trip(stories_path, tmp_path, attention, pooling):
+    embedder = Embedder.from_pretrained(stories_path, dtype="float32", attention=attention, pooling=pooling,
+                                        query_instruction="Question: ")
+    expected = embedder.encode(TEXTS)
+    expected_q = embedder.encode_queries(TEXTS)
+    folder = embedder.save(tmp_path / "model")
+    assert json.loads((folder / "config.json").read_text())["is_causal"] is (attention == "causal")
+
+    loaded = Embedder.load(folder)
+    assert loaded.config == embedder.config
+    assert loaded.fingerprint() == embedder.fingerprint()
+    np.testing.assert_allclose(loaded.encode(TEXTS), expected, atol=1e-5)
+
+    st = SentenceTransformer(str(folder))
+    for got, want in ((st.encode(TEXTS), expected), (st.encode(TEXTS, prompt_name="query"), expected_q)):
+        cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+        assert cosine.min() >= 0.9999, cosine
+
+
+def test_latent_attention_saves_as_custom_module(stories_path, tmp_path):
+    embedder = Embedder.from_pretrained(stories_path, dtype="float32", pooling="latent_attention",
+                                        latent_attention={"num_latents": 16, "num_heads": 4})
+    expected = embedder.encode(TEXTS)
+    folder = embedder.save(tmp_path / "latent")
+    modules = json.loads((folder / "modules.json").read_text())
+    assert modules[1]["type"] == "embedkit.pooling.LatentAttentionPooling"
+    np.testing.assert_allclose(Embedder.load(folder).encode(TEXTS), expected, atol=1e-5)
+    st = SentenceTransformer(str(folder), trust_remote_code=True)
+    np.testing.assert_allclose(st.encode(TEXTS), expected, atol=1e-4)
+
+
+def test_save_is_atomic_and_replaces(stories, tmp_path):
+    target = tmp_path / "m"
+    stories.save(target)
+    stories.save(target)  # overwrite in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp or .old folders left
+    with pytest.raises(FileNotFoundError, match="not an embedkit embedder folder"):
+        Embedder.load(tmp_path)
+
+
+def test_fingerprint_changes_with_weights(stories_path):
+    a = Embedder.from_pretrained(stories_path, dtype="float32")
+    b = Embedder.from_pretrained(stories_path, dtype="float32")
+    assert a.fingerprint() == b.fingerprint()
+    with torch.no_grad():
+        b.backbone.norm.weight.add_(1e-3)
+    assert a.fingerprint() != b.fingerprint()

@@ -1,0 +1,100 @@
+"""Pooling strategies: definitions, instruction exclusion, padding-side invariance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+
+from embedkit import Embedder
+from embedkit.pooling import LatentAttentionConfig, LatentAttentionPooling, pool
+
+TEXTS = ["The quick brown fox jumps over the lazy dog", "Hi there", "A third, medium length sentence."]
+INSTRUCTION = "Retrieve passages that answer the question: "
+
+
+def make(pooling: str, attention: str = "causal", arch: str = "llama", **kwargs) -> Embedder:
+    model, tokenizer = tiny_model(arch, "sdpa")
+    return Embedder.from_pretrained(arch, backbone=model, tokenizer=tokenizer, pooling=pooling,
+                                    attention=attention, normalize=False, **kwargs)
+
+
+def hidden_and_masks(embedder: Embedder, texts, instruction=None, padding_side="right"):
+    tokenized = embedder.tokenize(texts, instruction)
+    ids, mask, pool_mask = embedder.collate(tokenized, padding_side=padding_side)
+    with torch.inference_mode():
+        return embedder.hidden_states(ids, mask), mask, pool_mask, ids
+
+
+@pytest.mark.parametrize("pooling", ["mean", "weighted_mean", "last", "eos", "first", "latent_attention"])
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_left_and_right_padding_agree(pooling, attention):
+    embedder = make(pooling, attention)
+    for instruction in (None, INSTRUCTION):
+        left = embedder.encode(TEXTS, instruction=instruction, padding_side="left")
+        right = embedder.encode(TEXTS, instruction=instruction, padding_side="right")
+        np.testing.assert_allclose(left, right, atol=1e-5)
+        alone = np.stack([embedder.encode([t], instruction=instruction)[0] for t in TEXTS])
+        np.testing.assert_allclose(right, alone, atol=1e-5)
+
+
+def test_mean_excludes_instruction_but_attends_to_it():
+    embedder = make("mean")
+    hidden, mask, pool_mask, _ = hidden_and_masks(embedder, TEXTS[:1], INSTRUCTION)
+    n_instr = int(mask.sum() - pool_mask.sum())
+    assert n_instr == len(embedder.tokenizer(INSTRUCTION)["input_ids"])  # llama2 tokenizer: BOS + words, no EOS
+    expected = hidden[0, n_instr:int(mask.sum())].mean(dim=0).numpy()
+    got = embedder.encode(TEXTS[:1], instruction=INSTRUCTION)[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # attended to: the same text tokens without the instruction have other states under causal attention
+    plain = embedder.encode(TEXTS[:1])[0]
+    assert np.abs(plain - got).max() > 1e-3
+
+
+def test_last_first_eos_weighted_definitions():
+    last = make("last")
+    hidden, mask, _, ids = hidden_and_masks(last, TEXTS[:2], padding_side="left")
+    np.testing.assert_allclose(last.encode(TEXTS[:2]), hidden[:, -1].numpy(), atol=1e-5)  # left: last column
+
+    first = make("first")
+    hidden, mask, pool_mask, ids = hidden_and_masks(first, TEXTS[:1], INSTRUCTION)
+    n_instr = int(mask.sum() - pool_mask.sum())
+    np.testing.assert_allclose(first.encode(TEXTS[:1], instruction=INSTRUCTION)[0], hidden[0, n_instr].numpy(),
+                               atol=1e-5)
+
+    eos = make("eos")
+    tokenized = eos.tokenize(TEXTS[:2])
+    assert all(seq[-1] == eos.tokenizer.eos_token_id for seq in tokenized.ids)
+    assert len(tokenized.ids[0]) == len(eos.tokenizer(TEXTS[0])["input_ids"]) + 1
+
+    weighted = make("weighted_mean")
+    hidden, mask, _, _ = hidden_and_masks(weighted, TEXTS[:1])
+    n = int(mask.sum())
+    w = torch.arange(1, n + 1, dtype=torch.float32)
+    expected = (hidden[0, :n] * w[:, None]).sum(0) / w.sum()
+    np.testing.assert_allclose(weighted.encode(TEXTS[:1])[0], expected.numpy(), atol=1e-5)
+
+
+def test_pool_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="no parameter-free mode 'max'"):
+        pool("max", torch.zeros(1, 2, 3), torch.ones(1, 2), torch.ones(1, 2))
+
+
+def test_unknown_pooling_lists_valid():
+    with pytest.raises(ValueError, match="Unknown pooling 'cls'; valid: mean, weighted_mean, last, eos, first"):
+        make("cls")
+
+
+def test_latent_attention_pooler_is_trainable_and_masked():
+    pooler = LatentAttentionPooling(LatentAttentionConfig(hidden_size=16, num_latents=8, num_heads=2))
+    hidden = torch.randn(2, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    out = pooler.pool(hidden, mask)
+    assert out.shape == (2, 16)
+    # padded positions do not matter
+    noisy = hidden.clone()
+    noisy[0, 3:] = 100.0
+    torch.testing.assert_close(pooler.pool(noisy, mask)[0], out[0])
+    out.sum().backward()
+    assert pooler.latents.grad is not None and pooler.latents.grad.abs().sum() > 0

@@ -28,5 +28,8 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+bench: setup
+	$(PY) bench/bench_encode.py
+
 lint: setup
 	$(VENV)/bin/ruff check embedkit tests bench eval

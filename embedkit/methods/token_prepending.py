@@ -168,3 +168,9 @@ def enable_token_prepending(embedder, prompt: str = "prompteol", *, start_layer:
     embedder.config.pooling = "last"
     enable(embedder, NAME, {"start_layer": start_layer, "end_layer": end_layer, "output_layer": output_layer,
                             **settings})
+
+
+def enable_from_option(embedder, layer_range: str, prompt: str = "prompteol", output_layer: int | None = None) -> None:
+    """The CLI's ``--token-prepending START:END [--tp-prompt P] [--tp-output-layer N]``."""
+    start, end = parse_layer_range(layer_range)
+    enable_token_prepending(embedder, prompt, start_layer=start, end_layer=end, output_layer=output_layer)

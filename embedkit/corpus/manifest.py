@@ -1,0 +1,135 @@
+"""The vectors folder: layout, shard metadata, checksums, and reading it back (memory-mapped).
+
+```
+VECTORS_DIR/
+  job.json                 what is being encoded (model fingerprint, inputs' checksums, options); written first
+  shards/shard-00000.npy   float32/float16 (n, d) vectors, memory-mappable
+  shards/shard-00000.ids.json   the n ids, in row order (JSON: never pickle)
+  shards/shard-00000.json  shard metadata + checksums; written last, so its presence means the shard is whole
+  manifest.json            the finished job: everything in job.json + counts + every shard; written at the end
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from embedkit.io import sha256_file
+
+FORMAT = "embedkit-vectors"
+FORMAT_VERSION = 1
+JOB_FILE = "job.json"
+MANIFEST_FILE = "manifest.json"
+SHARDS_DIR = "shards"
+VECTOR_DTYPES = ("float32", "float16")
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}"
+
+
+def shard_paths(folder: Path, number: int) -> tuple[Path, Path, Path]:
+    """(vectors .npy, ids .json, meta .json) of shard ``number``."""
+    base = Path(folder) / SHARDS_DIR / shard_name(number)
+    return base.with_suffix(".npy"), base.with_name(base.name + ".ids.json"), base.with_suffix(".json")
+
+
+def job_key(job: dict) -> str:
+    """A short hash of a job's identity; shards carry it so a shard of another job is never taken as ours."""
+    identity = {k: job[k] for k in ("model", "inputs", "reader", "options")}
+    identity["inputs"] = [{"sha256": i["sha256"], "size": i["size"]} for i in job["inputs"]]
+    identity["model"] = {"fingerprint": job["model"]["fingerprint"]}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file, or None if it is missing or unreadable (a torn write cannot happen: writes are atomic)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def shard_problem(folder: Path, meta: dict, check_sums: bool = True) -> str | None:
+    """Why a finished shard cannot be trusted (missing file, wrong size, checksum mismatch), or None if sound."""
+    vectors, ids, _ = shard_paths(folder, meta["shard"])
+    for kind, path in (("vectors", vectors), ("ids", ids)):
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != meta["bytes"][kind]:
+            return f"{path} has {path.stat().st_size} bytes, the shard metadata says {meta['bytes'][kind]}"
+        if check_sums and sha256_file(path) != meta["sha256"][kind]:
+            return f"{path} is corrupt (sha256 mismatch with its shard metadata)"
+    return None
+
+
+@dataclass
+class VectorSet:
+    """A finished vectors folder. Shards are memory-mapped, so opening a huge one costs nothing."""
+
+    folder: Path
+    manifest: dict
+
+    @property
+    def dimension(self) -> int:
+        return int(self.manifest["dimension"])
+
+    @property
+    def count(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def metric(self) -> str:
+        return self.manifest["metric"]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def iter_shards(self) -> Iterator[tuple[list[str], np.ndarray]]:
+        """(ids, vectors) per shard in order; vectors are read-only memory maps in the stored dtype."""
+        for meta in self.manifest["shards"]:
+            vectors, ids, _ = shard_paths(self.folder, meta["shard"])
+            yield json.loads(ids.read_text(encoding="utf-8")), np.load(vectors, mmap_mode="r", allow_pickle=False)
+
+    def ids(self) -> list[str]:
+        return [i for ids, _ in self.iter_shards() for i in ids]
+
+    def load(self, dtype: str = "float32") -> np.ndarray:
+        """All vectors as one in-memory array (count x dimension)."""
+        out = np.empty((self.count, self.dimension), dtype=dtype)
+        start = 0
+        for _, vectors in self.iter_shards():
+            out[start:start + len(vectors)] = vectors
+            start += len(vectors)
+        return out
+
+
+def open_vectors(folder: str | os.PathLike, verify: bool = True) -> VectorSet:
+    """Open a finished vectors folder; ``verify`` checks every shard's checksum and names a bad one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Vectors folder {folder} does not exist: run `embedkit encode` first.")
+    manifest = read_json(folder / MANIFEST_FILE)
+    if manifest is None:
+        hint = ("the encode has not finished: rerun the same `embedkit encode` command to resume it"
+                if (folder / JOB_FILE).is_file() else "it is not an `embedkit encode` output folder")
+        raise FileNotFoundError(f"{folder} has no {MANIFEST_FILE}: {hint}.")
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{folder / MANIFEST_FILE} is not an embedkit vectors manifest (format "
+                         f"{manifest.get('format')!r}).")
+    if manifest.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{folder} was written by a newer embedkit (format version {manifest['version']}); "
+                         "upgrade embedkit.")
+    for meta in manifest["shards"]:
+        problem = shard_problem(folder, meta, check_sums=verify)
+        if problem:
+            raise ValueError(f"Shard {shard_name(meta['shard'])} of {folder} is not usable: {problem}. Rerun the "
+                             "`embedkit encode` command that made this folder: it re-encodes only that shard.")
+    return VectorSet(folder, manifest)

@@ -2,6 +2,7 @@
 
 from embedkit.backbone import load_backbone, resolve_spec
 from embedkit.embedder import Embedder, EmbedderConfig
+from embedkit.index import Index
 
-__all__ = ["Embedder", "EmbedderConfig", "load_backbone", "resolve_spec"]
+__all__ = ["Embedder", "EmbedderConfig", "Index", "load_backbone", "resolve_spec"]
 __version__ = "0.1.0"

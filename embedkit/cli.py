@@ -163,3 +163,8 @@ def demo(model: Annotated[str, typer.Option(help="Backbone spec.")] = "smollm2-1
 def entry() -> None:  # pragma: no cover
     app(sys.argv[1:])
 
+
+
+from embedkit.corpus.cli import register as _register_corpus  # noqa: E402
+
+_register_corpus(app)  # encode, index build/info, search

@@ -115,16 +115,15 @@ def token_dropout(ids: Sequence[int], p: float, rng: np.random.Generator) -> lis
 
 
 def reconstruction_row(text_ids: Sequence[int], special_ids: Sequence[int], rng: np.random.Generator,
-                       fmt: str = "copy") -> tuple[list[int], list[int]]:
-    """``copy``: ``text <s..> text``; ``split``: ``prefix <s..> suffix`` at a random split (paper)."""
-    text_ids = list(text_ids)
-    if fmt == "copy":
-        return build_row(text_ids, special_ids, text_ids)
+                       fmt: str = "copy", lead: Sequence[int] = ()) -> tuple[list[int], list[int]]:
+    """``copy``: ``lead text <s..> text``; ``split``: ``lead prefix <s..> suffix`` at a random split (the
+    paper's form). ``lead`` (a BOS token) starts the row and is not copied."""
+    text_ids, lead = list(text_ids), list(lead)
+    if fmt == "copy" or (fmt == "split" and len(text_ids) < 2):
+        return build_row(lead + text_ids, special_ids, text_ids)
     if fmt == "split":
-        if len(text_ids) < 2:
-            return build_row(text_ids, special_ids, text_ids)
         cut = int(rng.integers(1, len(text_ids)))
-        return build_row(text_ids[:cut], special_ids, text_ids[cut:])
+        return build_row(lead + text_ids[:cut], special_ids, text_ids[cut:])
     raise ValueError(f"Unknown GEM reconstruction format {fmt!r}; valid: copy, split.")
 
 

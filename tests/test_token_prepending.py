@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,3 +196,25 @@ def test_cli_embed_option(stories_path):
     assert torch.allclose(torch.tensor(got), torch.from_numpy(want), atol=1e-5)
     bad = runner.invoke(app, args + ["--token-prepending", "1-3"])
     assert bad.exit_code == 2 and "START:END" in bad.output
+
+
+def test_recipes_build_and_save(stories_path, tmp_path):
+    import yaml  # noqa: PLC0415
+
+    from embedkit.methods.token_prepending import build_from_recipe, main  # noqa: PLC0415
+
+    recipe = tmp_path / "tp.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"base": str(stories_path), "dtype": "float32"},
+                                      "token_prepending": {"prompt": "ke", "start_layer": 1, "end_layer": 3}}))
+    embedder = build_from_recipe(recipe)
+    assert embedder.config.template == PROMPTS["ke"] and embedder.config.methods["token_prepending"]["end_layer"] == 3
+    main([str(recipe), "--save", str(tmp_path / "out")])
+    assert Embedder.load(tmp_path / "out").config.methods == embedder.config.methods
+    root = Path(__file__).resolve().parent.parent / "recipes"
+    shipped = sorted(root.glob("tp-*.yaml"))
+    assert shipped, "recipes/tp-*.yaml missing"
+    for path in shipped:  # every shipped recipe's settings are valid (models are not loaded here)
+        data = yaml.safe_load(path.read_text())
+        settings = dict(data["token_prepending"])
+        assert settings.pop("prompt", "prompteol") in PROMPTS
+        TokenPrependingSettings.from_dict(settings)

@@ -174,3 +174,44 @@ def enable_from_option(embedder, layer_range: str, prompt: str = "prompteol", ou
     """The CLI's ``--token-prepending START:END [--tp-prompt P] [--tp-output-layer N]``."""
     start, end = parse_layer_range(layer_range)
     enable_token_prepending(embedder, prompt, start_layer=start, end_layer=end, output_layer=output_layer)
+
+
+# -- recipes: Token Prepending needs no training, so its "recipe" builds (and saves) an embedder ---------------
+
+def build_from_recipe(path) -> object:
+    """An embedder from a Token Prepending recipe (YAML): ``model`` (base, dtype, max_length) and
+    ``token_prepending`` (prompt, start_layer, end_layer, output_layer, placeholder_init)."""
+    from pathlib import Path  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+
+    from embedkit.embedder import Embedder  # noqa: PLC0415
+
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict) or "model" not in data or NAME not in data:
+        raise ValueError(f"{path}: a Token Prepending recipe has 'model' and '{NAME}' sections.")
+    model = dict(data["model"])
+    unknown = sorted(set(model) - {"base", "dtype", "max_length", "attn_implementation"})
+    if unknown:
+        raise ValueError(f"{path}: unknown model keys {unknown}; valid: base, dtype, max_length, attn_implementation.")
+    base = model.pop("base")
+    embedder = Embedder.from_pretrained(base, pooling="last", **model)
+    settings = dict(data[NAME])
+    prompt = settings.pop("prompt", "prompteol")
+    enable_token_prepending(embedder, prompt, **settings)
+    return embedder
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m embedkit.methods.token_prepending RECIPE --save DIR``: build and save a TP embedder."""
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("recipe")
+    parser.add_argument("--save", required=True, help="Folder to write the embedder to (Embedder.load reads it).")
+    args = parser.parse_args(argv)
+    print(build_from_recipe(args.recipe).save(args.save))
+
+
+if __name__ == "__main__":
+    main()

@@ -168,3 +168,8 @@ def entry() -> None:  # pragma: no cover
 from embedkit.corpus.cli import register as _register_corpus  # noqa: E402
 
 _register_corpus(app)  # encode, index build/info, search
+
+
+from embedkit.evaluation.cli import eval_app  # noqa: E402  (the eval command group lives with the harness)
+
+app.add_typer(eval_app, name="eval")

@@ -1,0 +1,190 @@
+"""``embedkit eval``: MTEB evaluation on local task folders, and ``embedkit eval compare`` across runs.
+
+``embedkit eval MODEL ...`` is short for ``embedkit eval run MODEL ...``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from typer.core import TyperGroup
+
+
+class _RunByDefault(TyperGroup):
+    """Lets ``embedkit eval MODEL`` mean ``embedkit eval run MODEL`` (any first word that is no sub-command)."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+eval_app = typer.Typer(cls=_RunByDefault, add_completion=False, no_args_is_help=True, help=__doc__)
+
+TEMPLATE_HELP = "Text template with {text}, or 'prompteol' (PromptEOL; use with --pooling last)."
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _guard(body, debug: bool):
+    """Errors become one red line (exit 2); --debug shows the traceback instead."""
+    try:
+        return body()
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        _fail("interrupted")
+    except Exception as err:  # noqa: BLE001 - the CLI's one-line error contract
+        if debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        _fail(message + ("" if isinstance(err, ValueError | FileNotFoundError) else
+                         f" ({type(err).__name__}; rerun with --debug for the traceback)"))
+
+
+def _instructions(value: str | None):
+    from embedkit.evaluation.harness import EVAL_DIR  # noqa: PLC0415
+    from embedkit.evaluation.mteb_model import InstructionTable  # noqa: PLC0415
+
+    if value in (None, "", "none"):
+        return None
+    path = EVAL_DIR / "instructions.json" if value == "default" else Path(value)
+    return InstructionTable.load(path)
+
+
+@eval_app.command("run")
+def run(
+    model: Annotated[str, typer.Argument(help="Saved embedder folder, backbone spec (hub id, folder, .gguf, alias), "
+                                              "or all-MiniLM-L6-v2.")],
+    task_dir: Annotated[list[Path], typer.Option(help="Task folder, or a folder of task folders (repeatable).")]
+    = None,
+    task_set: Annotated[str, typer.Option(help="Task set name in eval/tasksets/ (e.g. full) or a file listing "
+                                               "task folders relative to --data.")] = None,
+    tasks: Annotated[str, typer.Option(help="Standard mteb task names, comma-separated (needs their data).")]
+    = None,
+    data: Annotated[str, typer.Option(help="Data folder for --task-set (default ../shared/data).")] = None,
+    output: Annotated[Path, typer.Option(help="Results folder (default runs/eval/<name>).")] = None,
+    name: Annotated[str, typer.Option(help="Run name shown in tables (default from the model).")] = None,
+    attention: Annotated[str, typer.Option(help="causal or bidirectional (backbone specs; saved: override).")]
+    = None,
+    pooling: Annotated[str, typer.Option(help="Pooling for backbone specs (mean, last, eos, ...).")] = None,
+    template: Annotated[str, typer.Option(help=TEMPLATE_HELP)] = None,
+    max_length: Annotated[int, typer.Option(help="Max tokens per text.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16.")] = "auto",
+    instructions: Annotated[str, typer.Option(help="Per-task instruction table: none (model defaults), "
+                                                   "default (eval/instructions.json), or a JSON file.")] = "none",
+    batch_size: Annotated[int, typer.Option(help="Max texts per forward pass (default: the model's own).")]
+    = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (1 is often fastest on a busy shared machine).")]
+    = None,
+    rerun: Annotated[bool, typer.Option("--rerun", help="Rerun tasks even if stored results match.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Evaluate MODEL on local task folders (and/or standard mteb tasks) with mteb's evaluators."""
+    def body():
+        from embedkit.evaluation.offline import ensure_offline  # noqa: PLC0415
+
+        ensure_offline()
+        from embedkit.datasets import find_data_dir  # noqa: PLC0415
+        from embedkit.evaluation.harness import EVAL_DIR, local_eval_task, mteb_eval_tasks  # noqa: PLC0415
+        from embedkit.evaluation.tasks import find_tasks, read_task_set  # noqa: PLC0415
+
+        if not (task_dir or task_set or tasks):
+            raise ValueError("Nothing to evaluate: give --task-dir DIR, --task-set NAME or --tasks NAME,... "
+                             "(e.g. --task-dir ../shared/data for every local task).")
+        try:
+            data_dir = find_data_dir(data)
+        except FileNotFoundError:
+            if task_set or data:
+                raise
+            data_dir = None
+        folders = list(task_dir or [])
+        if task_set:
+            folders += read_task_set(task_set, data_dir, EVAL_DIR / "tasksets")
+        local = find_tasks(folders) if folders else []
+        eval_tasks = [local_eval_task(t, data_dir) for t in local]
+        if tasks:
+            local_names = [t.name for t in local]
+            if data_dir is not None:
+                local_names += [p.parent.name for p in Path(data_dir).glob("*/*/task.json")]
+            eval_tasks += mteb_eval_tasks([n.strip() for n in tasks.split(",") if n.strip()], local_names)
+        typer.echo(f"{len(eval_tasks)} task(s): {', '.join(t.name for t in eval_tasks)}")
+
+        from embedkit.evaluation.harness import evaluate  # noqa: PLC0415
+        from embedkit.evaluation.mteb_model import EmbedkitEncoder, load_model  # noqa: PLC0415
+        from embedkit.evaluation.report import pct, secs  # noqa: PLC0415
+
+        table = _instructions(instructions)
+        if threads:
+            import torch  # noqa: PLC0415
+
+            torch.set_num_threads(threads)
+        start = time.perf_counter()
+        try:
+            loaded = load_model(model, attention=attention, pooling=pooling, dtype=dtype, max_length=max_length,
+                                template=template, label=name)
+        except Exception as err:
+            if debug:
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"could not load model {model!r}: {first}") from None
+        load_seconds = time.perf_counter() - start
+        typer.echo(f"model {loaded.label} ({loaded.backend}, fingerprint {loaded.fingerprint}, "
+                   f"loaded in {load_seconds:.1f} s)")
+        out = output or Path("runs") / "eval" / loaded.label
+
+        def show(record: dict) -> None:
+            note = " (stored result reused)" if record.get("reused") else ""
+            typer.echo(f"  {record['name']:<24} {record['type']:<20} {record['metric']:<16} "
+                       f"{pct(record['score']):>6}  {secs(record['seconds']):>6} s{note}")
+
+        run_record = evaluate(EmbedkitEncoder(loaded, table, batch_size=batch_size), eval_tasks, out,
+                              load_seconds=load_seconds, reuse=not rerun, on_task=show)
+        typer.echo(f"  {'average':<58} {pct(run_record['average']):>6}  {secs(run_record['total_seconds']):>6} s")
+        typer.echo(f"results in {out}/ (run.json, summary.md, summary.csv, scores.png, mteb/*.json)")
+
+    if not debug:
+        logging.getLogger("mteb").setLevel(logging.ERROR)
+    _guard(body, debug)
+
+
+@eval_app.command("compare")
+def compare(
+    results: Annotated[list[Path], typer.Argument(help="Results folders (or folders of them).")],
+    markdown: Annotated[Path, typer.Option(help="Also write the tables as a markdown page.")] = None,
+    csv_out: Annotated[Path, typer.Option("--csv", help="Also write the score table as CSV.")] = None,
+    plot: Annotated[Path, typer.Option(help="Also write a grouped bar chart PNG.")] = None,
+    title: Annotated[str, typer.Option(help="Title of the markdown page.")] = "Evaluation results",
+    times: Annotated[bool, typer.Option(help="Include the run-time table.")] = True,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """One table of main scores (x100) across runs: rows are runs, columns tasks, plus the average."""
+    def body():
+        from embedkit.evaluation.report import (  # noqa: PLC0415
+            compare_runs,
+            comparison_csv,
+            comparison_details,
+            comparison_markdown,
+            comparison_plot,
+            write_atomic,
+        )
+
+        cmp = compare_runs(results)
+        typer.echo(comparison_markdown(cmp, times=times), nl=False)
+        if markdown:
+            page = comparison_markdown(cmp, title=title, times=times) + "\n## Runs and data\n\n" + \
+                comparison_details(cmp)
+            write_atomic(markdown, page)
+        if csv_out:
+            write_atomic(csv_out, comparison_csv(cmp))
+        if plot:
+            comparison_plot(cmp, plot)
+
+    _guard(body, debug)

@@ -1,0 +1,186 @@
+"""Run mteb's evaluators on local task folders (and standard mteb tasks when their data can be had).
+
+One ``mteb.evaluate`` call per task, without mteb's result cache (which writes to ~/.cache/mteb and in place):
+the harness writes each task's mteb result JSON itself, atomically, under ``OUTPUT/mteb/``, plus ``run.json``
+(model fingerprint, task checksums, time per task, scores) and the summary table and chart. A task whose stored
+result has the same model fingerprint, task checksum and instructions is reused instead of rerun.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from embedkit.evaluation.offline import ensure_offline, is_offline
+from embedkit.evaluation.report import RUN_FILE, average, load_run, write_atomic, write_summary
+from embedkit.evaluation.tasks import LocalTask, check_unique, suggest, to_mteb_task
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EVAL_DIR = REPO_ROOT / "eval"
+DATALOADER_BATCH = 512  # only the size of the DataLoader batches mteb hands over; the model batches on its own
+
+
+@dataclass
+class EvalTask:
+    """A task to run: a local folder or a standard mteb task, with what identifies its data."""
+
+    name: str
+    type: str
+    metric: str
+    source: str
+    checksum: str
+    mteb_task: object
+
+
+def local_eval_task(task: LocalTask, data_dir: Path | None = None) -> EvalTask:
+    checksum = task.checksum()
+    source = str(task.path)
+    if data_dir is not None:
+        try:
+            source = "data:" + task.path.relative_to(Path(data_dir).resolve()).as_posix()
+        except ValueError:
+            pass
+    return EvalTask(task.name, task.type, task.main_score, source, checksum, to_mteb_task(task, checksum))
+
+
+def mteb_eval_tasks(names: Sequence[str], local_names: Sequence[str] = ()) -> list[EvalTask]:
+    """Standard mteb tasks by name; unknown names fail with near matches, unreachable data with the fix."""
+    import mteb  # noqa: PLC0415
+    from mteb.get_tasks import TASK_LIST  # noqa: PLC0415  (task classes: names without building 1800 tasks)
+
+    known = [cls.metadata.name for cls in TASK_LIST]
+    out = []
+    for name in names:
+        if name not in known:
+            near = suggest(name, sorted(set(known) | set(local_names)))
+            hint = f" Near matches: {', '.join(near)}." if near else ""
+            raise ValueError(f"No mteb task named {name!r}.{hint} Local task folders run with --task-dir.")
+        task = mteb.get_task(name)
+        meta = task.metadata
+        try:
+            task.load_data()
+        except Exception as err:  # noqa: BLE001 - any failure here means the data cannot be had
+            where = "the hub is off (HF_HUB_OFFLINE=1)" if is_offline() else "the download failed"
+            local = [n for n in local_names if n.lower() == name.lower()]
+            fix = (f"run the local copy with --task-dir (task '{local[0]}')" if local else
+                   "make a local task folder in the ../shared/data layout and pass --task-dir, or set "
+                   "HF_HUB_OFFLINE=0 where the hub is reachable")
+            raise ValueError(f"mteb task {name!r} needs {meta.dataset['path']}@{meta.dataset['revision'][:12]} from "
+                             f"the Hugging Face hub, and {where} and it is not in the local datasets cache "
+                             f"({type(err).__name__}). Fix: {fix}.") from None
+        simple = {"STS": "sts", "Retrieval": "retrieval", "Classification": "classification",
+                  "Clustering": "clustering", "PairClassification": "pair_classification"}.get(meta.type, meta.type)
+        out.append(EvalTask(name, simple, meta.main_score, f"mteb:{meta.dataset['path']}",
+                            str(meta.dataset["revision"]), task))
+    return out
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    out = {}
+    for package in ("embedkit", "mteb", "torch", "transformers", "sentence-transformers"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def _reusable(previous: dict | None, model, instructions_digest: str | None) -> dict[str, dict]:
+    """Tasks of a previous run in the same folder that can stand: same weights+settings and instructions."""
+    if not previous or previous.get("model", {}).get("fingerprint") != model.fingerprint:
+        return {}
+    if previous.get("instructions", {}).get("digest") != instructions_digest:
+        return {}
+    return {t["name"]: t for t in previous.get("tasks", [])}
+
+
+def _run_record(encoder, records: list[dict], load_seconds: float | None, digest: str | None) -> dict:
+    model, table = encoder.model, encoder.instructions
+    return {
+        "model": {
+            "label": model.label, "spec": model.spec, "backend": model.backend, "fingerprint": model.fingerprint,
+            "mteb_name": encoder.mteb_model_meta.name, "dimension": model.dimension,
+            "parameters": model.parameters, "config": model.config, "load_seconds": load_seconds,
+        },
+        "instructions": {"source": table.source if table is not None else None, "digest": digest,
+                         "own": model.own_instructions},
+        "tasks": records,
+        "average": average([r["score"] for r in records]),
+        "total_seconds": sum(r["seconds"] for r in records) + (load_seconds or 0.0),
+        "total_cpu_seconds": sum(r.get("cpu_seconds") or 0.0 for r in records),
+        "date": datetime.datetime.now(tz=datetime.timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
+        "versions": _versions(),
+    }
+
+
+def evaluate(encoder, tasks: Sequence[EvalTask], output: str | os.PathLike, *, load_seconds: float | None = None,
+             reuse: bool = True, on_task: Callable[[dict], None] | None = None) -> dict:
+    """Run every task with mteb's evaluator, write results into ``output``; returns the run record."""
+    ensure_offline()
+    import datasets  # noqa: PLC0415
+    import mteb  # noqa: PLC0415
+    from mteb.results import TaskResult  # noqa: PLC0415
+
+    if not logger.isEnabledFor(logging.INFO):
+        datasets.disable_progress_bars()  # mteb's dataset.map bars would bury the per-task lines
+
+    check_unique(t.name for t in tasks)
+    if not tasks:
+        raise ValueError("No tasks to evaluate.")
+    output = Path(output)
+    model = encoder.model
+    table = encoder.instructions
+    digest = table.digest() if table is not None else None
+    previous = None
+    if reuse and (output / RUN_FILE).is_file():
+        try:
+            previous = load_run(output)
+        except ValueError:
+            previous = None
+    old = _reusable(previous, model, digest)
+    if previous and previous.get("model", {}).get("fingerprint") != model.fingerprint:
+        logger.warning("%s held results of another model (%s, fingerprint %s); they are replaced.", output,
+                       previous["model"].get("label"), previous["model"].get("fingerprint"))
+    write_atomic(output / "mteb" / "model_meta.json",
+                 json.dumps(encoder.mteb_model_meta.to_dict(), indent=2, default=str))
+    records: list[dict] = []
+    run: dict = {}
+    for task in tasks:
+        result_path = output / "mteb" / f"{task.name}.json"
+        prior = old.get(task.name)
+        if prior and prior.get("checksum") == task.checksum and result_path.is_file():
+            record = dict(prior, reused=True)
+        else:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            result = mteb.evaluate(encoder, task.mteb_task, cache=None, overwrite_strategy="always",
+                                   show_progress_bar=False, raise_error=True,
+                                   encode_kwargs={"batch_size": DATALOADER_BATCH, "show_progress_bar": False})
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+            task_result: TaskResult = result.task_results[0]
+            tmp = result_path.with_name(f".{result_path.name}.tmp")
+            task_result.to_disk(tmp)
+            os.replace(tmp, result_path)
+            record = {
+                "name": task.name, "type": task.type, "metric": task.metric, "score": float(task_result.get_score()),
+                "seconds": seconds, "cpu_seconds": cpu_seconds, "evaluation_time": task_result.evaluation_time,
+                "source": task.source, "checksum": task.checksum, "result_file": f"mteb/{task.name}.json",
+                "instructions": encoder.used_instructions.get(task.name, {}), "reused": False,
+            }
+        records.append(record)
+        # run.json after every task: an interrupted run keeps what it finished, and a rerun picks it up
+        run = _run_record(encoder, records, load_seconds, digest)
+        write_atomic(output / RUN_FILE, json.dumps(run, indent=2))
+        if on_task is not None:
+            on_task(record)
+    write_summary(run, output)
+    return run

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_eval_helpers import STORIES, FakeModel, make_all, make_retrieval, make_sts
 
-from embedkit.evaluation.harness import evaluate, local_eval_task
+from embedkit.evaluation.harness import evaluate, evaluate_model, local_eval_task
 from embedkit.evaluation.mteb_model import EmbedkitEncoder, InstructionTable, from_embedder
 from embedkit.evaluation.tasks import find_tasks
 
@@ -152,6 +152,19 @@ def test_harness_agrees_with_the_fast_sts_scorer_on_a_real_model(tmp_path, no_ne
     assert run["model"]["label"] == "stories260K-causal-mean"
 
 
+def test_evaluate_model_python_entry_point(tmp_path):
+    """What a training script calls: an Embedder, task folders, an instruction table file."""
+    from embedkit import Embedder
+
+    make_sts(tmp_path / "data")
+    (tmp_path / "table.json").write_text(json.dumps({"types": {"STS": "Same?"}, "template": "{instruction} | "}))
+    embedder = Embedder.from_pretrained(STORIES, pooling="mean", dtype="float32")
+    run = evaluate_model(embedder, [tmp_path / "data"], tmp_path / "out", instructions=tmp_path / "table.json",
+                         label="tiny")
+    assert run["model"]["label"] == "tiny" and run["instructions"]["source"] == str(tmp_path / "table.json")
+    assert run["tasks"][0]["instructions"] == {"symmetric": "Same? | "}
+
+
 def test_an_interrupted_run_keeps_finished_tasks(tmp_path):
     data = tmp_path / "data"
     make_sts(data)
@@ -174,3 +187,17 @@ def test_an_interrupted_run_keeps_finished_tasks(tmp_path):
     run = evaluate(EmbedkitEncoder(resumed.loaded), tasks, out)
     assert [(t["name"], t["reused"]) for t in run["tasks"]] == [("TinySTS", True), ("TinyBEIR", False)]
     assert not any(t.startswith("the cat") for _, batch in resumed.calls for t in batch)
+
+
+@pytest.mark.slow
+def test_minilm_reproduces_its_known_sts_b_score(no_network, tmp_path):
+    """all-MiniLM-L6-v2 on the local STS-B test split: mteb's published 82.03 (checks the harness itself).
+
+    Slow: ~1.5-3 min on this shared 2-core machine (2758 sentences through MiniLM)."""
+    from embedkit.datasets import find_data_dir
+    from embedkit.evaluation.mteb_model import load_model
+    from embedkit.evaluation.tasks import read_task
+
+    task = local_eval_task(read_task(find_data_dir() / "sts" / "STSBenchmark"))
+    run = evaluate(EmbedkitEncoder(load_model("all-MiniLM-L6-v2")), [task], tmp_path)
+    assert 100 * run["tasks"][0]["score"] == pytest.approx(82.03, abs=0.2)

@@ -184,3 +184,31 @@ def evaluate(encoder, tasks: Sequence[EvalTask], output: str | os.PathLike, *, l
             on_task(record)
     write_summary(run, output)
     return run
+
+
+def evaluate_model(model, task_dirs: Sequence[str | os.PathLike], output: str | os.PathLike, *,
+                   instructions=None, label: str | None = None, batch_size: int | None = None,
+                   reuse: bool = True) -> dict:
+    """Python entry point: evaluate an Embedder (or a LoadedModel) on task folders; returns the run record.
+
+    ``instructions`` is an InstructionTable, a path to one, or None (the model's own instructions).
+    """
+    from embedkit.evaluation.mteb_model import (  # noqa: PLC0415
+        EmbedkitEncoder,
+        InstructionTable,
+        LoadedModel,
+        from_embedder,
+    )
+    from embedkit.evaluation.tasks import find_tasks  # noqa: PLC0415
+
+    loaded = model if isinstance(model, LoadedModel) else from_embedder(model, label=label)
+    if instructions is not None and not isinstance(instructions, InstructionTable):
+        instructions = InstructionTable.load(instructions)
+    try:
+        from embedkit.datasets import find_data_dir  # noqa: PLC0415
+
+        data_dir = find_data_dir()
+    except FileNotFoundError:
+        data_dir = None
+    tasks = [local_eval_task(t, data_dir) for t in find_tasks(task_dirs)]
+    return evaluate(EmbedkitEncoder(loaded, instructions, batch_size=batch_size), tasks, output, reuse=reuse)

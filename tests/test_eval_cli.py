@@ -129,3 +129,16 @@ def test_standard_task_without_its_data_says_how_to_fix(monkeypatch):
 
 def test_compare_of_a_folder_without_results(tmp_path):
     _one_line_error(runner.invoke(app, ["eval", "compare", str(tmp_path)]), "is not an evaluation results folder")
+
+
+def test_saved_embedder_runs_as_saved(tmp_path):
+    from embedkit import Embedder
+
+    saved = Embedder.from_pretrained(STORIES, pooling="mean", dtype="float32").save(tmp_path / "my-embedder")
+    make_sts(tmp_path / "data")
+    _one_line_error(_eval(str(saved), "--task-dir", str(tmp_path / "data"), "--pooling", "last"),
+                    "saved embedder with pooling='mean'; --pooling last does not apply")
+    result = _eval(str(saved), "--task-dir", str(tmp_path / "data"), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["model"]["label"] == "my-embedder" and run["model"]["spec"] == str(saved)

@@ -1,6 +1,6 @@
-"""``embedkit eval``: MTEB evaluation on local task folders, and ``embedkit eval compare`` across runs.
+"""MTEB evaluation on local task folders (run), and one table across runs (compare).
 
-``embedkit eval MODEL ...`` is short for ``embedkit eval run MODEL ...``.
+'embedkit eval MODEL ...' is short for 'embedkit eval run MODEL ...'.
 """
 
 from __future__ import annotations

@@ -221,6 +221,11 @@ def load_model(spec: str, *, attention: str | None = None, pooling: str | None =
         return from_sentence_transformer(model, label or name, spec)
     from embedkit.cli import open_embedder  # noqa: PLC0415
 
+    if (path / CONFIG_FILE).is_file() and pooling is not None:
+        saved = json.loads((path / CONFIG_FILE).read_text()).get("pooling")
+        if pooling != saved:
+            raise ValueError(f"{spec} is a saved embedder with pooling={saved!r}; --pooling {pooling} does not "
+                             "apply to it (drop --pooling, or evaluate its backbone spec instead).")
     kwargs = {"template": template} if template else {}
     embedder = open_embedder(spec, attention, pooling, dtype, max_length, **kwargs)
     if template and (Path(spec) / CONFIG_FILE).is_file():

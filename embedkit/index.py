@@ -12,8 +12,9 @@ INDEX_DIR/
 
 Index types are FAISS factory strings (``Flat``, ``HNSW32``, ``IVF{nlist},Flat``, ``IVF{nlist},PQ{m}``). We add
 two things FAISS lacks: ``auto`` (picks by size and memory) and a calibration that picks the smallest
-``efSearch`` / ``nprobe`` reaching a target recall@10 on probe queries drawn from the corpus (the probe's own
-row excluded), so an approximate index ships with search settings that were measured, not guessed.
+``efSearch`` / ``nprobe`` (/ re-ranking depth) reaching a target recall@10 on probe queries made from the corpus
+(rows moved off themselves by their own neighbour spacing), so an approximate index ships with search settings
+that were measured, not guessed.
 """
 
 from __future__ import annotations
@@ -223,12 +224,32 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / max(1, sum(int((t >= 0).sum()) for t in truth))
 
 
-def _drop_self(labels: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
-    out = np.full((len(labels), k), -1, dtype=np.int64)
-    for row, (found, me) in enumerate(zip(labels, own, strict=True)):
-        kept = found[(found != me) & (found >= 0)][:k]
-        out[row, :len(kept)] = kept
-    return out
+def calibration_probes(source, metric: str, seed: int = 0, probes: int = PROBES) -> tuple[np.ndarray, np.ndarray]:
+    """Probe queries that are not corpus rows, and their exact top-10 (positions).
+
+    A corpus row used as its own query is found at once by HNSW (it is a graph node whose links are its
+    neighbours), so recall measured that way is far too optimistic. Each probe is a corpus row moved by random
+    noise as long as the distance to its nearest other row, i.e. a new point at the corpus's own spacing.
+    """
+    source = source if isinstance(source, _Source) else _Source(source)
+    rng = np.random.default_rng(seed + 1)
+    own = np.sort(rng.choice(source.count, size=min(probes, source.count), replace=False))
+    rows = source.take(own)
+    k = min(CALIBRATION_K, source.count)
+    if source.count < 2:
+        return rows, np.zeros((len(rows), 0), dtype=np.int64)
+    scores, labels = exact_knn(source, rows, 2, metric)
+    nearest = np.where(labels[:, 0] == own, scores[:, 1], scores[:, 0])  # the nearest row other than itself
+    gap = np.sqrt(np.maximum(2 - 2 * nearest, 0)) if metric == "ip" else np.sqrt(np.maximum(nearest, 0))
+    noise = rng.standard_normal(rows.shape).astype(np.float32)
+    noise *= (gap / np.linalg.norm(noise, axis=1).clip(min=1e-12))[:, None]
+    queries = rows + noise
+    if metric == "ip":  # inner-product corpora are normalised: keep probes on the sphere too
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)
+        queries = queries / np.linalg.norm(queries, axis=1, keepdims=True).clip(min=1e-12) * norms
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    _, truth = exact_knn(source, queries, k, metric)
+    return queries, truth
 
 
 def calibrate(index, source, metric: str, target: float, seed: int = 0, probes: int = PROBES) -> dict:
@@ -236,24 +257,20 @@ def calibrate(index, source, metric: str, target: float, seed: int = 0, probes: 
     efSearch (HNSW), nprobe (IVF), and for IVF-PQ the re-ranking depth k_factor at each nprobe."""
     names = _param_names(index)
     source = source if isinstance(source, _Source) else _Source(source)
-    rng = np.random.default_rng(seed + 1)
-    own = np.sort(rng.choice(source.count, size=min(probes, source.count), replace=False))
-    queries = source.take(own)
-    k = min(CALIBRATION_K, source.count - 1)
+    queries, truth = calibration_probes(source, metric, seed, probes)
+    k = truth.shape[1]
     if k < 1:
-        return {"settings": {}, "recall_at_10": 1.0, "probes": len(own)}
-    _, exact = exact_knn(source, queries, k + 1, metric)
-    truth = _drop_self(exact, own, k)
+        return {"settings": {}, "recall_at_10": 1.0, "probes": len(queries)}
     curve: list[list] = []
 
     def measure(settings: dict) -> float:
-        _, labels = index.search(queries, k + 1, params=_search_params(index, settings))
-        recall = _recall(_drop_self(labels, own, k), truth)
+        _, labels = index.search(queries, k, params=_search_params(index, settings))
+        recall = _recall(labels, truth)
         curve.append([dict(settings), round(recall, 4)])
         return recall
 
     if not names:
-        return {"settings": {}, "recall_at_10": round(measure({}), 4), "probes": len(own)}
+        return {"settings": {}, "recall_at_10": round(measure({}), 4), "probes": len(queries)}
     if names[0] == "efSearch":
         steps = [{"efSearch": v} for v in EF_SEARCH_STEPS]
     else:
@@ -279,7 +296,7 @@ def calibrate(index, source, metric: str, target: float, seed: int = 0, probes: 
     if recall < target:
         logger.warning("Calibration: %s reaches recall@10 %.3f only (target %.2f); searches use it.", best, recall,
                        target)
-    return {"settings": best, "recall_at_10": recall, "probes": len(own), "target": target, "curve": curve}
+    return {"settings": best, "recall_at_10": recall, "probes": len(queries), "target": target, "curve": curve}
 
 
 def faiss_nlist(index) -> int:

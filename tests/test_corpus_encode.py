@@ -141,6 +141,8 @@ def test_empty_texts_skipped_and_counted_or_strict_error(tmp_path, embedder):
     with pytest.raises(ValueError, match=r"c\.txt:2: empty text \(id '1'\).*drop --strict"):
         encode_corpus(embedder, [path], tmp_path / "strict", strict=True)
     assert not (tmp_path / "strict" / "shards").exists()  # failed before encoding anything
+    with pytest.raises(ValueError, match="--strict: the input has 2 empty rows"):
+        encode_corpus(embedder, [path], tmp_path / "out", shard_size=2, strict=True)
 
 
 def test_repeated_ids_name_both_rows(tmp_path, embedder):

@@ -197,16 +197,18 @@ def test_search_vectors_of_a_float16_corpus_match_exact(tmp_path, embedder, corp
     assert faiss.read_index(str(tmp_path / "i" / "index.faiss")).ntotal == N_TEXTS
 
 
-def test_cli_encode_index_search(tmp_path, corpus):
+def test_cli_encode_index_search(tmp_path, corpus, monkeypatch):
     runner = CliRunner()
     out, idx = tmp_path / "v", tmp_path / "i"
-    args = ["encode", str(STORIES), "--input", str(corpus[0]), "--output", str(out), "--dtype", "float32",
-            "--max-length", "48", "--shard-size", "50"]
+    monkeypatch.chdir(REPO)  # a relative model path: the index must still find the model from elsewhere
+    args = ["encode", "../shared/models/stories260K", "--input", str(corpus[0]), "--output", str(out),
+            "--dtype", "float32", "--max-length", "48", "--shard-size", "50"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"{N_TEXTS} vectors" in result.output
     result = runner.invoke(app, args)
     assert result.exit_code == 0 and "Nothing to do" in result.output
+    monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["index", "build", str(out), "--output", str(idx), "--type", "flat"])
     assert result.exit_code == 0 and "flat (Flat, ip)" in result.output, result.output
     result = runner.invoke(app, ["search", str(idx), corpus[1][5], "-k", "3", "--json"])

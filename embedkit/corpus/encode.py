@@ -289,8 +289,8 @@ def encode_corpus(
         "inputs": describe_inputs(paths, previous["inputs"] if previous else None),
         "reader": reader.to_dict(),
         "options": {"role": role or "document", "instruction": resolve_instruction(embedder, role, instruction),
-                    "normalize": normalize, "vector_dtype": vector_dtype, "shard_size": shard_size,
-                    "strict": strict},
+                    "normalize": normalize, "vector_dtype": vector_dtype, "shard_size": shard_size},
+        "strict": strict,  # not part of the identity: it only decides whether empty rows are errors
     }
     if previous is not None:
         problems = _differences(previous, job)
@@ -299,6 +299,9 @@ def encode_corpus(
                              "vectors. Differences: " + "; ".join(problems) + ". Use a new --output folder, or "
                              "delete this one to start over.")
         job["rows"], job["empty_rows"], job["n_shards"] = previous["rows"], previous["empty_rows"], previous["n_shards"]
+        if strict and job["empty_rows"]:
+            raise ValueError(f"--strict: the input has {job['empty_rows']} empty rows (an earlier run without "
+                             f"--strict skipped them; their ids are in {folder}/shards/*.json).")
     else:
         counts = scan(paths, reader, strict)
         job["rows"], job["empty_rows"] = counts["rows"], counts["empty"]

@@ -117,7 +117,8 @@ def _run_record(encoder, records: list[dict], load_seconds: float | None, digest
         "tasks": records,
         "average": average([r["score"] for r in records]),
         "total_seconds": sum(r["seconds"] for r in records) + (load_seconds or 0.0),
-        "total_cpu_seconds": sum(r.get("cpu_seconds") or 0.0 for r in records),
+        "total_cpu_seconds": (sum(r["cpu_seconds"] for r in records)
+                              if all(r.get("cpu_seconds") is not None for r in records) else None),
         "date": datetime.datetime.now(tz=datetime.timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
         "versions": _versions(),
     }

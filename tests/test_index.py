@@ -78,6 +78,8 @@ def test_k_larger_than_the_corpus_returns_what_exists(flat):
     index = Index.load(flat)
     hits = index.search(np.ones((1, 64), dtype=np.float32), k=1000)[0]
     assert len(hits) == N_TEXTS and len({h.id for h in hits}) == N_TEXTS
+    mapped = Index.load(flat, mmap=True).search(np.ones((1, 64), dtype=np.float32), k=1000)[0]  # IO_FLAG_MMAP_IFC
+    assert [(h.id, h.score) for h in mapped] == [(h.id, h.score) for h in hits]
     with pytest.raises(ValueError, match="k must be at least 1"):
         index.search("x", k=0)
 

@@ -150,6 +150,7 @@ def test_harness_agrees_with_the_fast_sts_scorer_on_a_real_model(tmp_path, no_ne
     assert run["tasks"][0]["score"] == pytest.approx(expected, abs=1e-6)
     assert run["model"]["fingerprint"] == embedder.fingerprint()
     assert run["model"]["label"] == "stories260K-causal-mean"
+    assert run["model"]["runtime"]["dtype"] == "float32" and run["model"]["runtime"]["torch_threads"] >= 1
 
 
 def test_evaluate_model_python_entry_point(tmp_path):

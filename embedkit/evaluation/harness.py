@@ -95,6 +95,22 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _torch_threads() -> int | None:
+    try:
+        import torch  # noqa: PLC0415
+
+        return torch.get_num_threads()
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        return None
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover - not on every platform
+        return None
+
+
 def _reusable(previous: dict | None, model, instructions_digest: str | None) -> dict[str, dict]:
     """Tasks of a previous run in the same folder that can stand: same weights+settings and instructions."""
     if not previous or previous.get("model", {}).get("fingerprint") != model.fingerprint:
@@ -111,6 +127,7 @@ def _run_record(encoder, records: list[dict], load_seconds: float | None, digest
             "label": model.label, "spec": model.spec, "backend": model.backend, "fingerprint": model.fingerprint,
             "mteb_name": encoder.mteb_model_meta.name, "dimension": model.dimension,
             "parameters": model.parameters, "config": model.config, "load_seconds": load_seconds,
+            "runtime": {**model.runtime, "torch_threads": _torch_threads()},
         },
         "instructions": {"source": table.source if table is not None else None, "digest": digest,
                          "own": model.own_instructions},
@@ -176,6 +193,7 @@ def evaluate(encoder, tasks: Sequence[EvalTask], output: str | os.PathLike, *, l
                 "seconds": seconds, "cpu_seconds": cpu_seconds, "evaluation_time": task_result.evaluation_time,
                 "source": task.source, "checksum": task.checksum, "result_file": f"mteb/{task.name}.json",
                 "instructions": encoder.used_instructions.get(task.name, {}), "reused": False,
+                "load_average": _load_average(),  # 1-min load at the end: context for wall times on shared CPUs
             }
         records.append(record)
         # run.json after every task: an interrupted run keeps what it finished, and a rerun picks it up

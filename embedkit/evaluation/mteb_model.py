@@ -117,6 +117,14 @@ class LoadedModel:
     config: dict
     own_instructions: dict[str, str | None] = field(default_factory=dict)  # role -> instruction
     model: Any = None
+    runtime: dict = field(default_factory=dict)  # what actually ran: dtype, device
+
+
+def _runtime(module) -> dict:
+    parameter = next(module.parameters(), None)
+    if parameter is None:
+        return {}
+    return {"dtype": str(parameter.dtype).removeprefix("torch."), "device": str(parameter.device)}
 
 
 def module_fingerprint(module, extra: dict) -> str:
@@ -142,6 +150,7 @@ def from_embedder(embedder, label: str | None = None, spec: str | None = None) -
         backend="embedkit", encode=encode, fingerprint=embedder.fingerprint(), dimension=embedder.dimension,
         parameters=sum(p.numel() for p in embedder.parameters()), max_tokens=cfg.max_length, config=cfg.to_dict(),
         own_instructions={"query": cfg.query_instruction, "document": cfg.document_instruction}, model=embedder,
+        runtime=_runtime(embedder),
     )
 
 
@@ -158,7 +167,7 @@ def from_sentence_transformer(model, label: str, spec: str) -> LoadedModel:
         label=label, spec=spec, backend="sentence-transformers", encode=encode,
         fingerprint=module_fingerprint(model, config), dimension=int(dimension),
         parameters=sum(p.numel() for p in model.parameters()), max_tokens=model.max_seq_length, config=config,
-        model=model,
+        model=model, runtime=_runtime(model),
     )
 
 

@@ -149,6 +149,9 @@ def run(
                               load_seconds=load_seconds, reuse=not rerun, on_task=show)
         typer.echo(f"  {'average':<58} {pct(run_record['average']):>6}  {secs(run_record['total_seconds']):>6} s")
         typer.echo(f"results in {out}/ (run.json, summary.md, summary.csv, scores.png, mteb/*.json)")
+        baselines = EVAL_DIR / "results"
+        if any(baselines.glob("*/run.json")) and Path(out).resolve().parent != baselines.resolve():
+            typer.echo(f"beside the baselines: embedkit eval compare {baselines} {out}")
 
     if not debug:
         logging.getLogger("mteb").setLevel(logging.ERROR)

@@ -63,9 +63,10 @@ def bench_encode(args) -> None:
     from embedkit.corpus import encode_corpus  # noqa: PLC0415
     from embedkit.datasets import read_jsonl  # noqa: PLC0415
 
-    embedder = Embedder.from_pretrained(MODEL, dtype="float32", max_length=args.max_length)
+    embedder = Embedder.from_pretrained(MODEL, dtype=args.dtype, max_length=args.max_length)
     rows = list(read_jsonl(MSMARCO / "corpus.jsonl"))
-    out: dict = {"model": MODEL, "max_length": args.max_length, "machine": machine(), "runs": []}
+    out: dict = {"model": MODEL, "max_length": args.max_length, "dtype": str(embedder.backbone.dtype),
+                 "machine": machine(), "runs": []}
     work = Path(tempfile.mkdtemp(prefix="bench-encode-"))
     try:
         for n in (args.n, 4 * args.n):
@@ -180,7 +181,7 @@ def bench_msmarco(args) -> None:
     from embedkit.retrieval import evaluate_retrieval  # noqa: PLC0415
 
     work = Path(args.work)
-    embedder = Embedder.from_pretrained(MODEL, dtype="float32", attention="causal", pooling="mean",
+    embedder = Embedder.from_pretrained(MODEL, dtype=args.dtype, attention="causal", pooling="mean",
                                         max_length=args.max_length)
     began = time.perf_counter()
     retrieval = {}
@@ -191,6 +192,7 @@ def bench_msmarco(args) -> None:
     vectors = open_vectors(work / "vectors").load()
     queries = embedder.encode_queries([r["text"] for r in read_jsonl(MSMARCO / "queries.jsonl")])
     result = {"model": MODEL, "attention": "causal", "pooling": "mean", "max_length": args.max_length,
+              "dtype": str(embedder.backbone.dtype),
               "machine": machine(), "seconds": round(time.perf_counter() - began, 1), "retrieval": retrieval,
               "index_types_real_queries": measure_types(vectors, queries, ["flat", "hnsw", "ivf", "ivfpq"],
                                                         sweep=False)}
@@ -253,6 +255,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=400)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--dtype", default="auto", help="auto = bfloat16 on AMX / AVX512-BF16 CPUs (this machine)")
     p = sub.add_parser("synthetic")
     p.add_argument("--kind", choices=["random", "clustered"], default="random")
     p.add_argument("--n", type=int, default=1_000_000)
@@ -261,6 +264,7 @@ def main() -> None:
     p.add_argument("--types", default="flat,hnsw,ivf,ivfpq")
     p = sub.add_parser("msmarco")
     p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "embedkit-bench-msmarco"))
     sub.add_parser("report")
     args = parser.parse_args()

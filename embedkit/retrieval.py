@@ -108,7 +108,7 @@ def evaluate_retrieval(
         timings = {}
         began = time.perf_counter()
         encoded = encode_corpus(embedder, [corpus], work / "vectors", role="document", batch_size=batch_size,
-                                shard_size=1_000_000, rank=0, world_size=1)
+                                rank=0, world_size=1)
         timings["encode"] = time.perf_counter() - began
         began = time.perf_counter()
         build_index(work / "vectors", work / "index", BuildOptions(index_type=index_type), texts=False)

@@ -1,0 +1,106 @@
+"""The main job end to end on the embedded default: baselines -> train a recipe -> STS-B before/after ->
+encode and index a retrieval corpus -> search -> MTEB evaluation. ``make demo`` runs it on SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from embedkit.datasets import find_data_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RECIPE = ROOT / "recipes" / "llm2vec-smollm2-cpu.yaml"
+PROMPT_EOL = 'This sentence : "{text}" means in one word:"'
+BASELINE_SETUPS = [  # attention, pooling, template
+    ("causal", "mean", None),
+    ("causal", "last", None),
+    ("bidirectional", "mean", None),
+    ("causal", "last", PROMPT_EOL),
+]
+RETRIEVAL_TASK = Path("retrieval") / "MSMARCO-5k"
+STS_TASK = Path("sts") / "STSBenchmark"
+
+
+def setup_name(attention: str, pooling: str, template: str | None) -> str:
+    return f"{attention} + {pooling}" + (" + PromptEOL" if template else "")
+
+
+def baselines(model: str, data_dir: Path, echo: Callable[[str], None], dtype: str = "auto",
+              max_length: int = 128) -> dict[str, float]:
+    """STS-B test Spearman of each untrained attention/pooling setup, sharing one loaded backbone."""
+    from embedkit.backbone import load_backbone  # noqa: PLC0415
+    from embedkit.embedder import Embedder  # noqa: PLC0415
+    from embedkit.evaluation.sts import sts_spearman  # noqa: PLC0415
+
+    backbone, tokenizer = load_backbone(model, dtype=dtype)
+    scores = {}
+    for attention, pooling, template in BASELINE_SETUPS:
+        embedder = Embedder.from_pretrained(model, attention=attention, pooling=pooling, max_length=max_length,
+                                            template=template, backbone=backbone, tokenizer=tokenizer)
+        start = time.perf_counter()
+        name = setup_name(attention, pooling, template)
+        scores[name] = sts_spearman(embedder, data_dir)
+        echo(f"  {name:<32} STS-B test Spearman {100 * scores[name]:5.1f}   ({time.perf_counter() - start:.1f} s)")
+    embedder.set_attention("causal")
+    return scores
+
+
+def run_demo(data: str | os.PathLike | None = None, recipe: str | os.PathLike = DEFAULT_RECIPE,
+             overrides: Sequence[str] = (), *, train: bool = True, echo: Callable[[str], None] = print) -> dict:
+    """Run every stage of the main job and return its figures (also echoed as it goes)."""
+    from embedkit.embedder import Embedder  # noqa: PLC0415
+    from embedkit.evaluation.harness import evaluate_model  # noqa: PLC0415
+    from embedkit.evaluation.sts import sts_spearman  # noqa: PLC0415
+    from embedkit.index import Index  # noqa: PLC0415
+    from embedkit.retrieval import evaluate_retrieval  # noqa: PLC0415
+    from embedkit.train import load_recipe, run_recipe  # noqa: PLC0415
+
+    data_dir = find_data_dir(data)
+    overrides = [f"data_dir={data_dir}", *overrides]
+    spec = load_recipe(recipe, overrides)
+    out = Path(spec.output_dir)
+    figures: dict = {"recipe": str(recipe), "data": str(data_dir)}
+    echo(f"[1/5] untrained {spec.model.base}: STS-B test (data {data_dir})")
+    figures["baselines"] = baselines(spec.model.base, data_dir, echo)
+
+    before = Embedder.from_pretrained(spec.model.base, attention=spec.model.attention, pooling=spec.model.pooling,
+                                      template=spec.model.template, max_length=128)
+    figures["before"] = sts_spearman(before, data_dir)
+    del before
+    if train:
+        echo(f"[2/5] training {recipe} ({len(spec.stages)} stages: "
+             + " -> ".join(s.objective for s in spec.stages) + f") into {out}")
+        start = time.perf_counter()
+        final = run_recipe(recipe, overrides)
+        figures["train_seconds"] = time.perf_counter() - start
+    else:
+        final = out / "final"
+        echo(f"[2/5] training skipped; using {final}")
+    trained = Embedder.load(final)
+    trained.config.max_length = 128
+    figures["after"] = sts_spearman(trained, data_dir)
+    figures["model"] = str(final)
+    echo(f"[3/5] STS-B test Spearman: before {100 * figures['before']:.1f} "
+         f"({setup_name(spec.model.attention, spec.model.pooling, spec.model.template)}) -> after training "
+         f"{100 * figures['after']:.1f}")
+
+    task = data_dir / RETRIEVAL_TASK
+    echo(f"[4/5] encode + FAISS index + search: {task.name}")
+    retrieval = evaluate_retrieval(trained, task, work_dir=out / "demo-retrieval")
+    figures["retrieval"] = {k: retrieval[k] for k in ("ndcg_at_10", "recall_at_100")}
+    echo(f"  nDCG@10 {100 * retrieval['ndcg_at_10']:.1f}, recall@100 {100 * retrieval['recall_at_100']:.1f}")
+    index = Index.load(out / "demo-retrieval" / "index", embedder=trained)
+    query = "what is the capital of france"
+    hit = index.search([query], k=1)[0][0]
+    echo(f"  search {query!r} -> {hit.id} ({hit.score:.3f})")
+
+    echo("[5/5] MTEB evaluation (mteb's own evaluator) on STS-B")
+    run = evaluate_model(trained, [data_dir / STS_TASK], out / "demo-eval")
+    figures["mteb"] = {t["name"]: t["score"] for t in run["tasks"]}
+    for name, score in figures["mteb"].items():
+        echo(f"  {name}: main score {100 * score:.2f}")
+    echo(f"saved embedder: {final}  (Embedder.load or SentenceTransformer)")
+    return figures

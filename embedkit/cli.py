@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-import time
 from typing import Annotated
 
 import typer
@@ -20,7 +18,6 @@ AttentionOpt = Annotated[str, typer.Option(help=f"One of: {', '.join(ATTENTION_M
 PoolingOpt = Annotated[str, typer.Option(help=f"One of: {', '.join(POOLING_MODES)}.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 where fast, else float32), float32, bfloat16.")]
 
-PROMPT_EOL = 'This sentence : "{text}" means in one word:"'
 TokenPrependingOpt = Annotated[str, typer.Option(
     "--token-prepending", metavar="START:END",
     help="Token Prepending over decoder layers START..END-1 (0-based), e.g. 1:8: a <PST> placeholder in the "
@@ -116,60 +113,26 @@ def embed(model: ModelArg, texts: Annotated[list[str], typer.Argument(help="Text
     run_cli(body)
 
 
-DEMO_SETUPS = [
-    ("causal", "mean", None),
-    ("causal", "last", None),
-    ("bidirectional", "mean", None),
-    ("causal", "last", PROMPT_EOL),
-]
-
-
 @app.command()
-def demo(model: Annotated[str, typer.Option(help="Backbone spec.")] = "smollm2-135m",
-         data: Annotated[str, typer.Option(help="Data folder (default ../shared/data).")] = None,
-         dtype: DtypeOpt = "auto", max_length: int = 128, token_prepending: TokenPrependingOpt = None,
-         tp_prompt: TPPromptOpt = "prompteol", tp_output_layer: TPOutputLayerOpt = None) -> None:
-    """The main job on the embedded default: STS-B test Spearman of each attention/pooling setup (plus
-    PromptEOL with Token Prepending when --token-prepending is given)."""
-    def body():
-        from embedkit.backbone import load_backbone  # noqa: PLC0415
-        from embedkit.datasets import find_data_dir  # noqa: PLC0415
-        from embedkit.embedder import Embedder  # noqa: PLC0415
-        from embedkit.evaluation.sts import sts_spearman  # noqa: PLC0415
+def demo(data: Annotated[str, typer.Option(help="Data folder (default ../shared/data).")] = None,
+         recipe: Annotated[str, typer.Option(help="Training recipe.")] = None,
+         overrides: Annotated[list[str], typer.Option("--set", help="Recipe override key.sub=value.")] = None,
+         train: Annotated[bool, typer.Option(help="Train (or reuse the recipe's output folder).")] = True) -> None:
+    """The main job end to end: baselines, train the CPU recipe, STS-B before/after, encode+index+search, MTEB."""
+    from embedkit.demo import DEFAULT_RECIPE, run_demo  # noqa: PLC0415
 
-        data_dir = find_data_dir(data)
-        typer.echo(f"model {model}, data {data_dir}, STS-B test, max_length {max_length}")
-        backbone, tokenizer = load_backbone(model, dtype=dtype)
-        for attention, pooling, template in DEMO_SETUPS:
-            embedder = Embedder.from_pretrained(model, attention=attention, pooling=pooling,
-                                                max_length=max_length, template=template,
-                                                backbone=backbone, tokenizer=tokenizer)
-            start = time.perf_counter()
-            score = sts_spearman(embedder, data_dir)
-            name = f"{attention} + {pooling}" + (" + PromptEOL" if template else "")
-            typer.echo(f"  {name:<32} Spearman {100 * score:5.1f}   ({time.perf_counter() - start:.1f} s)")
-        if token_prepending:
-            from embedkit.methods.token_prepending import enable_from_option  # noqa: PLC0415
-
-            embedder = Embedder.from_pretrained(model, max_length=max_length, backbone=backbone, tokenizer=tokenizer)
-            enable_from_option(embedder, token_prepending, tp_prompt, tp_output_layer)
-            start = time.perf_counter()
-            score = sts_spearman(embedder, data_dir)
-            name = f"causal + last + {tp_prompt} + TP {token_prepending}"
-            typer.echo(f"  {name:<32} Spearman {100 * score:5.1f}   ({time.perf_counter() - start:.1f} s)")
-    run_cli(body)
-
-
-def entry() -> None:  # pragma: no cover
-    app(sys.argv[1:])
-
-
-
-from embedkit.corpus.cli import register as _register_corpus  # noqa: E402
-
-_register_corpus(app)  # encode, index build/info, search
+    run_cli(run_demo, data, recipe or DEFAULT_RECIPE, overrides or (), train=train, echo=typer.echo)
 
 
 from embedkit.evaluation.cli import eval_app  # noqa: E402  (the eval command group lives with the harness)
 
 app.add_typer(eval_app, name="eval")
+
+
+from embedkit.train.cli import train as _train  # noqa: E402
+
+app.command(name="train")(_train)
+
+from embedkit.corpus.cli import register as _register_corpus  # noqa: E402
+
+_register_corpus(app)  # encode, index build/info, search

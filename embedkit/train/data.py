@@ -1,0 +1,220 @@
+"""Training data: find files, read texts / pairs / triplets with file:line errors, pack MNTP blocks, and a
+seeded batch order that a resumed run can replay exactly.
+
+Files are checked (exist, non-empty, fields present, enough rows for one batch) before any model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from embedkit.datasets import find_data_dir
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file (and line)."""
+
+
+def resolve_path(path: str, data_dir: Path | None, recipe_dir: Path | None) -> Path:
+    """An absolute path as is; a relative one in the data folder, then beside the recipe, then the cwd."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute():
+        if not candidate.is_file():
+            raise DataError(f"Data file {candidate} does not exist.")
+        return candidate
+    tried = []
+    for base in (data_dir, recipe_dir, Path.cwd()):
+        if base is None:
+            continue
+        full = base / candidate
+        tried.append(str(full))
+        if full.is_file():
+            return full
+    raise DataError(f"Data file {path!r} not found; tried: {', '.join(tried)}. Give a path relative to the data "
+                    "folder (e.g. unlabeled/WikiText2/sentences.txt) or an absolute path.")
+
+
+def default_data_dir(explicit: str | None) -> Path | None:
+    try:
+        return find_data_dir(explicit)
+    except FileNotFoundError:
+        if explicit is not None:
+            raise
+        return None
+
+
+def _is_jsonl(path: Path, fmt: str) -> bool:
+    return fmt == "jsonl" or (fmt == "auto" and path.suffix in (".jsonl", ".json"))
+
+
+def _jsonl_rows(path: Path):
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: not valid JSON ({err.msg}).") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}.")
+            yield number, row
+
+
+def _field(path: Path, number: int, row: dict, name: str) -> str:
+    if name not in row:
+        raise DataError(f"{path}:{number}: missing field {name!r} (the row has {sorted(row)}); fix the row or set "
+                        "the stage's data.*_field keys.")
+    value = row[name]
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{path}:{number}: field {name!r} must be a non-empty string, got {value!r}.")
+    return value
+
+
+def read_texts(path: Path, fmt: str = "auto", text_field: str = "text", limit: int | None = None) -> list[str]:
+    """Plain text (one text per line, blank lines skipped) or jsonl (``text_field`` of each row)."""
+    texts: list[str] = []
+    if _is_jsonl(path, fmt):
+        for number, row in _jsonl_rows(path):
+            texts.append(_field(path, number, row, text_field))
+            if limit and len(texts) >= limit:
+                break
+    else:
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    texts.append(line.strip())
+                    if limit and len(texts) >= limit:
+                        break
+    if not texts:
+        raise DataError(f"{path} has no texts (empty file); give a file with one text per line.")
+    return texts
+
+
+@dataclass
+class PairRows:
+    """Contrastive rows: anchor, positive, hard negatives, optional source (for same-source batches) and
+    per-row instruction."""
+
+    anchors: list[str] = field(default_factory=list)
+    positives: list[str] = field(default_factory=list)
+    negatives: list[list[str]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    instructions: list[str | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.anchors)
+
+
+def read_pairs(path: Path, spec, n_negatives: int) -> PairRows:
+    """jsonl rows with ``anchor_field``, ``positive_field`` and (if ``n_negatives``) negative fields."""
+    if not _is_jsonl(path, spec.format):
+        raise DataError(f"{path}: supervised data must be jsonl rows with {spec.anchor_field!r} and "
+                        f"{spec.positive_field!r} fields.")
+    rows = PairRows()
+    negative_fields = spec.negative_fields[:n_negatives] if n_negatives else []
+    if n_negatives > len(spec.negative_fields):
+        raise DataError(f"{path}: hard_negatives={n_negatives} but data.negative_fields lists "
+                        f"{len(spec.negative_fields)} ({spec.negative_fields}); list one field per negative.")
+    for number, row in _jsonl_rows(path):
+        rows.anchors.append(_field(path, number, row, spec.anchor_field))
+        rows.positives.append(_field(path, number, row, spec.positive_field))
+        rows.negatives.append([_field(path, number, row, name) for name in negative_fields])
+        rows.sources.append(str(row.get(spec.source_field, path.name)) if spec.source_field else path.name)
+        rows.instructions.append(row.get(spec.instruction_field) if spec.instruction_field else None)
+        if spec.limit and len(rows) >= spec.limit:
+            break
+    if not len(rows):
+        raise DataError(f"{path} has no rows (empty file).")
+    return rows
+
+
+def pack_blocks(sequences: Sequence[Sequence[int]], block_size: int, separator: int | None,
+                bos: int | None = None) -> np.ndarray:
+    """Concatenate token sequences (joined by ``separator``) and cut ``block_size`` blocks, as run_mlm's
+    group_texts does; each block starts with ``bos`` when the tokenizer uses one. The tail is dropped."""
+    stream: list[int] = []
+    for seq in sequences:
+        seq = list(seq)
+        if bos is not None and seq and seq[0] == bos:
+            seq = seq[1:]
+        stream.extend(seq)
+        if separator is not None:
+            stream.append(separator)
+    body = block_size - (1 if bos is not None else 0)
+    n = len(stream) // body
+    blocks = np.asarray(stream[: n * body], dtype=np.int64).reshape(n, body)
+    if bos is not None:
+        blocks = np.concatenate([np.full((n, 1), bos, dtype=np.int64), blocks], axis=1)
+    return blocks
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The row order of one epoch: a permutation from (seed, epoch) only, so a resumed run replays it."""
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
+def grouped_epoch_order(groups: Sequence[str], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches that each come from one group (source), in a seeded order; partial batches are dropped."""
+    rng = np.random.default_rng([seed, epoch, 1])
+    by_group: dict[str, list[int]] = {}
+    for i, name in enumerate(groups):
+        by_group.setdefault(name, []).append(i)
+    batches = []
+    for name in sorted(by_group):
+        rows = rng.permutation(by_group[name])
+        batches += [rows[s:s + batch_size].tolist() for s in range(0, len(rows) - batch_size + 1, batch_size)]
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+class BatchPlan:
+    """Global batches for steps 0..total-1: batch ``k`` depends only on (seed, k), never on earlier state."""
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int, groups: Sequence[str] | None = None):
+        if batch_size > n_rows:
+            raise DataError(f"batch_size={batch_size} is larger than the data ({n_rows} rows): lower batch_size "
+                            "or give more data.")
+        self.n_rows, self.batch_size, self.seed, self.groups = n_rows, batch_size, seed, groups
+        self._epoch = -1
+        self._batches: list[list[int]] = []
+        self.per_epoch = self._count()
+
+    def _count(self) -> int:
+        if self.groups is None:
+            return self.n_rows // self.batch_size
+        n = len(grouped_epoch_order(self.groups, self.batch_size, self.seed, 0))
+        if n == 0:
+            raise DataError(f"same_source_batches: no source has batch_size={self.batch_size} rows.")
+        return n
+
+    def batch(self, step: int) -> list[int]:
+        epoch, index = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            if self.groups is None:
+                order = epoch_order(self.n_rows, self.seed, epoch)
+                self._batches = [order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
+                                 for i in range(self.per_epoch)]
+            else:
+                self._batches = grouped_epoch_order(self.groups, self.batch_size, self.seed, epoch)
+            self._epoch = epoch
+        return self._batches[index]
+
+
+def shard(rows: Sequence[int], rank: int, world: int) -> list[int]:
+    """This process's contiguous share of a global batch (global order = rank order, for gathering)."""
+    if len(rows) % world:
+        raise DataError(f"batch_size={len(rows)} is not divisible by the {world} processes.")
+    n = len(rows) // world
+    return list(rows[rank * n:(rank + 1) * n])
+
+
+def file_size_check(path: Path) -> None:
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path} is empty; give a file with data.")

@@ -1,0 +1,397 @@
+"""Training recipes: a YAML file validated against this schema before any model loads.
+
+An invalid recipe raises ``RecipeError`` naming the file, the field path (``stages.1.temperature``), the bad
+value and what is allowed. ``key.sub=value`` overrides (values parsed as YAML) are applied before
+validation, so they are checked the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+
+from embedkit.attention import ATTENTION_MODES
+from embedkit.pooling import POOLING_MODES
+from embedkit.train import registry
+
+AttentionMode = Literal[ATTENTION_MODES]  # type: ignore[valid-type]
+PoolingMode = Literal[tuple(p for p in POOLING_MODES if p != "latent_attention")]  # type: ignore[valid-type]
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message says where and how to fix it."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSpec(Strict):
+    """The embedder being trained: backbone spec and how it embeds."""
+
+    base: str = Field(description="Any spec the core accepts: alias, hub id, HF folder, .gguf file.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attention: AttentionMode = "bidirectional"
+    pooling: PoolingMode = "mean"
+    max_length: Annotated[int, Field(ge=2)] = 512
+    template: str | None = None
+    query_instruction: str | None = None
+    document_instruction: str | None = None
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _template(self) -> ModelSpec:
+        if self.template is not None and "{text}" not in self.template:
+            raise ValueError("template must contain '{text}'")
+        return self
+
+
+class LoraSpec(Strict):
+    r: PositiveInt = 16
+    alpha: PositiveFloat = 32
+    dropout: Fraction = 0.05
+    target_modules: Literal["auto"] | list[str] = "auto"
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+
+
+class OptimizerSpec(Strict):
+    name: Literal["adamw", "adamw_8bit", "sgd"] = "adamw"
+    lr: PositiveFloat = 5e-5
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    max_grad_norm: PositiveFloat | None = 1.0
+
+
+class ScheduleSpec(Strict):
+    name: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+
+
+class DataSpec(Strict):
+    """Files of one stage. Relative paths are looked up in the data folder, then beside the recipe."""
+
+    paths: Annotated[list[str], Field(min_length=1)]
+    format: Literal["auto", "text", "jsonl"] = "auto"
+    text_field: str = "text"
+    anchor_field: str = "anchor"
+    positive_field: str = "positive"
+    negative_fields: list[str] = ["negative"]
+    source_field: str | None = None
+    instruction_field: str | None = None
+    limit: PositiveInt | None = None
+
+
+class AttentionScheduleSpec(Strict):
+    """A registered per-step attention schedule (sets ``embedder.attention_bias`` each step)."""
+
+    name: str
+    settings: dict[str, Any] = {}
+
+
+class StageConfig(Strict):
+    """Keys every stage has; objectives add their own (see the subclasses)."""
+
+    objective: str
+    name: str | None = None
+    data: DataSpec
+    steps: PositiveInt | None = None
+    epochs: PositiveFloat | None = None
+    batch_size: PositiveInt = 32
+    max_length: Annotated[int, Field(ge=2)] | None = None
+    attention: AttentionMode | None = None
+    attention_schedule: AttentionScheduleSpec | None = None
+    optimizer: OptimizerSpec = OptimizerSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    lora: LoraSpec | None = None
+    save_merged: bool = False
+
+    @model_validator(mode="after")
+    def _length(self) -> StageConfig:
+        if self.steps is None and self.epochs is None:
+            raise ValueError("give steps or epochs")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give steps or epochs, not both")
+        return self
+
+
+class MNTPConfig(StageConfig):
+    """Masked next-token prediction (LLM2Vec): predict masked token i from the output at i-1."""
+
+    objective: Literal["mntp"] = "mntp"
+    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    mask_strategy: Literal["bert", "all_mask"] = "bert"
+    mask_token: Literal["auto", "model", "underscore", "new"] = "auto"
+    train_lm_head: bool = False
+    batch_size: PositiveInt = 32
+
+
+class ContrastiveConfig(StageConfig):
+    temperature: PositiveFloat = 0.05
+    mini_batch_size: PositiveInt | None = Field(
+        None, description="GradCache chunk size: the batch's loss with the memory of this many rows.")
+    gather_across_processes: bool = True
+
+
+class SimCSEConfig(ContrastiveConfig):
+    """Unsupervised SimCSE: each sentence with itself, dropout as augmentation, in-batch negatives."""
+
+    objective: Literal["simcse"] = "simcse"
+    temperature: PositiveFloat = 0.05
+    attention_dropout: Fraction = 0.1
+    hidden_dropout: Fraction = 0.0
+
+
+class SupervisedConfig(ContrastiveConfig):
+    """(anchor, positive[, negatives]) rows; in-batch plus hard negatives."""
+
+    objective: Literal["supervised"] = "supervised"
+    temperature: PositiveFloat = 0.02
+    hard_negatives: Annotated[int, Field(ge=0)] = 1
+    negative_selection: str = "from_data"
+    negative_settings: dict[str, Any] = {}
+    instruction: str | None = None
+    same_source_batches: bool = False
+    attention_dropout: Fraction = 0.0
+    hidden_dropout: Fraction = 0.0
+
+
+class CheckpointSpec(Strict):
+    every: Annotated[int, Field(ge=0)] = 100
+    keep: PositiveInt = 2
+
+
+class LoggingSpec(Strict):
+    every: PositiveInt = 10
+    tensorboard: bool = True
+    csv: bool = True
+    plot: bool = True
+    progress_bar: bool = True
+
+
+class EvaluateSpec(Strict):
+    """STS-B after each stage (and before training with ``before``); dev for choices, test for reports."""
+
+    sts_splits: list[Literal["train", "dev", "test"]] = []
+    before: bool = False
+    max_length: Annotated[int, Field(ge=2)] = 128
+
+
+class Recipe(Strict):
+    name: str | None = None
+    model: ModelSpec
+    lora: LoraSpec = LoraSpec()
+    stages: Annotated[list[SerializeAsAny[StageConfig]], Field(min_length=1)]
+    seed: int = 42
+    output_dir: str
+    data_dir: str | None = None
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    logging: LoggingSpec = LoggingSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+    threads: PositiveInt | None = Field(None, description="torch CPU threads (1 is fastest on a busy machine).")
+    source: str | None = Field(None, exclude=True, description="File the recipe came from (not a key).")
+
+    def stage_name(self, index: int) -> str:
+        stage = self.stages[index]
+        return stage.name or f"{index}-{stage.objective}"
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the trained weights (not logging, checkpointing or evaluation)."""
+        data = self.model_dump(mode="json", exclude={"logging", "checkpoint", "evaluate", "output_dir", "name",
+                                                             "threads"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- loading -------------------------------------------------------------------------------------------------
+
+def _allowed(model: type[BaseModel]) -> str:
+    return ", ".join(model.model_fields)
+
+
+def _describe(err: dict, model: type[BaseModel] | None) -> str:
+    if err["type"] == "extra_forbidden":
+        allowed = f"; allowed keys: {_allowed(model)}" if model is not None else ""
+        return f"unknown key{allowed}"
+    return err["msg"]
+
+
+def _sub_model(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the last key of ``loc`` (for listing allowed keys)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        annotation = current.model_fields[part].annotation
+        for candidate in (annotation, *getattr(annotation, "__args__", ())):
+            inner = getattr(candidate, "__args__", (candidate,))
+            found = next((c for c in (candidate, *inner) if isinstance(c, type) and issubclass(c, BaseModel)), None)
+            if found is not None:
+                current = found
+                break
+        else:
+            return None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _format_errors(errors: list[tuple[tuple, Any, str]], source: str) -> str:
+    lines = [f"{source}: invalid recipe ({len(errors)} problem{'s' if len(errors) > 1 else ''}):"]
+    for loc, value, message in errors:
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        lines.append(f"  {path} = {shown}: {message}")
+    return "\n".join(lines)
+
+
+def _collect(err: ValidationError, model: type[BaseModel], prefix: tuple = ()) -> list[tuple[tuple, Any, str]]:
+    out = []
+    for item in err.errors():
+        loc = tuple(item["loc"])
+        out.append((prefix + loc, item.get("input"), _describe(item, _sub_model(model, loc))))
+    return out
+
+
+def validate_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe dict; collect every problem into one RecipeError."""
+    registry.load_builtins()
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping (model:, stages:, ...), got {type(data).__name__}.")
+    errors: list[tuple[tuple, Any, str]] = []
+    stages_raw = data.get("stages")
+    stages: list[StageConfig] = []
+    if isinstance(stages_raw, list):
+        for i, raw in enumerate(stages_raw):
+            if not isinstance(raw, dict):
+                errors.append((("stages", i), raw, "a stage is a mapping with an 'objective' key"))
+                continue
+            objective = raw.get("objective")
+            if objective not in registry.STAGES:
+                errors.append((("stages", i, "objective"), objective,
+                               f"unknown objective; allowed: {', '.join(sorted(registry.STAGES))}"))
+                continue
+            config_cls = registry.STAGES[objective][1]
+            try:
+                stage = config_cls.model_validate(raw)
+            except ValidationError as err:
+                errors += _collect(err, config_cls, ("stages", i))
+                continue
+            problem = _check_stage_registries(stage)
+            if problem:
+                errors.append((("stages", i) + problem[0], problem[1], problem[2]))
+            stages.append(stage)
+    if not isinstance(stages_raw, list) or not stages_raw:
+        errors.append((("stages",), stages_raw, "a recipe needs a list of at least one stage (each with an objective)"))
+    rest = {k: v for k, v in data.items() if k != "stages"}
+    try:
+        recipe = Recipe.model_validate({**rest, "stages": stages if (stages and not errors) else [_placeholder()]})
+    except ValidationError as err:
+        errors += _collect(err, Recipe)
+        recipe = None
+    if errors:
+        raise RecipeError(_format_errors(errors, source))
+    recipe.source = source
+    return recipe
+
+
+def _placeholder() -> StageConfig:
+    return StageConfig.model_construct(objective="mntp", data=DataSpec(paths=["-"]), steps=1)
+
+
+def _check_stage_registries(stage: StageConfig) -> tuple[tuple, Any, str] | None:
+    if stage.attention_schedule is not None and stage.attention_schedule.name not in registry.ATTENTION_SCHEDULES:
+        known = ", ".join(sorted(registry.ATTENTION_SCHEDULES)) or "none registered"
+        return (("attention_schedule", "name"), stage.attention_schedule.name, f"unknown schedule; allowed: {known}")
+    selection = getattr(stage, "negative_selection", None)
+    if selection is not None and selection not in registry.NEGATIVE_SELECTORS:
+        return (("negative_selection",), selection,
+                f"unknown selector; allowed: {', '.join(sorted(registry.NEGATIVE_SELECTORS))}")
+    return None
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """``stages.0.steps=10`` -> (['stages', 0, 'steps'], 10); the value is parsed as YAML."""
+    if "=" not in text:
+        raise RecipeError(f"Override {text!r} is not of the form key.sub=value (e.g. stages.0.steps=10).")
+    key, value = text.split("=", 1)
+    if not key.strip():
+        raise RecipeError(f"Override {text!r} has no key before '='.")
+    path: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return path, parsed
+
+
+def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None) -> dict:
+    """Return a copy of ``data`` with each ``key.sub=value`` override set (lists indexed by number)."""
+    data = copy.deepcopy(data)
+    if not overrides:
+        return data
+    items = (overrides.items() if isinstance(overrides, dict)
+             else (parse_override(o) for o in overrides))
+    for key, value in items:
+        path = key if isinstance(key, list) else parse_override(f"{key}=0")[0]
+        node: Any = data
+        for depth, part in enumerate(path[:-1]):
+            where = ".".join(str(p) for p in path[: depth + 1])
+            if isinstance(node, list):
+                if not isinstance(part, int) or part >= len(node):
+                    raise RecipeError(f"Override {'.'.join(map(str, path))}: {where} is not an index of a list "
+                                      f"of {len(node)}.")
+                node = node[part]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+            else:
+                raise RecipeError(f"Override {'.'.join(map(str, path))}: {where} is a value, not a section.")
+        last = path[-1]
+        if isinstance(node, list):
+            if not isinstance(last, int) or last >= len(node):
+                raise RecipeError(f"Override {'.'.join(map(str, path))}: index out of range.")
+        elif not isinstance(node, dict):
+            raise RecipeError(f"Override {'.'.join(map(str, path))}: parent is not a section.")
+        node[last] = value
+    return data
+
+
+def load_recipe(source: str | os.PathLike | dict | Recipe, overrides: list[str] | dict | None = None) -> Recipe:
+    """Read, override and validate a recipe (a YAML path, a dict, or a Recipe)."""
+    if isinstance(source, Recipe):
+        if not overrides:
+            return source
+        data, name = source.model_dump(mode="json"), source.source or "<recipe>"
+    elif isinstance(source, dict):
+        data, name = source, "<recipe>"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"Recipe file {path} does not exist.")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        name = str(path)
+    recipe = validate_recipe(apply_overrides(data if isinstance(data, dict) else {"_": data}, overrides)
+                             if isinstance(data, dict) else data, name)
+    return recipe
+
+
+def recipe_dir(recipe: Recipe) -> Path | None:
+    if recipe.source and Path(recipe.source).is_file():
+        return Path(recipe.source).resolve().parent
+    return None

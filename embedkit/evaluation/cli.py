@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -155,6 +156,8 @@ def run(
 
     if not debug:
         logging.getLogger("mteb").setLevel(logging.ERROR)
+        # mteb's scoring (sklearn) warns per label and experiment for weak models; the scores stand as computed
+        warnings.filterwarnings("ignore", module=r"sklearn\.")
     _guard(body, debug)
 
 

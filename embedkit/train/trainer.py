@@ -47,6 +47,14 @@ logger = logging.getLogger(__name__)
 FINAL = "final"
 
 
+ACCELERATE_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_MIXED_PRECISION")
+
+
+def launched_by_accelerate() -> bool:
+    """``accelerate launch`` sets these; the run then lets accelerate wrap the model (DDP / FSDP / ZeRO)."""
+    return any(name in os.environ for name in ACCELERATE_ENV)
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group torchrun describes (gloo on CPU, nccl on GPU); (rank, world size)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -120,6 +128,11 @@ class Run:
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
         self.out = Path(recipe.output_dir)
+        self.accelerator = None
+        if launched_by_accelerate():
+            from accelerate import Accelerator  # noqa: PLC0415
+
+            self.accelerator = Accelerator()  # reads the launch config: FSDP / DeepSpeed / DDP plugins
         self.rank, self.world = init_distributed()
         self.main = self.rank == 0
         self.data_dir, self.recipe_dir = check_data(recipe)
@@ -277,6 +290,7 @@ class Run:
             named.setdefault(f"extra.{i}", p)
         params = list(named.values())
         optimizer = build_optimizer(cfg.optimizer, params)
+        wrapped = self._accelerate(peft_model, optimizer) if self.accelerator is not None else None
         plan = BatchPlan(stage.num_rows(), cfg.batch_size, self.recipe.seed + 7919 * index, stage.groups())
         total = cfg.steps or max(1, math.ceil(cfg.epochs * plan.per_epoch))
         start = 0
@@ -331,8 +345,24 @@ class Run:
             bar.close()
             if schedule is not None:
                 self.embedder.attention_bias = None
+            if wrapped is not None:
+                self.embedder.forward_hook = None
         self.embedder.eval()
-        self._finish_stage(index, peft_model, extra)
+        self._finish_stage(index, peft_model, extra, wrapped)
+
+    def _accelerate(self, peft_model, optimizer):
+        """Under ``accelerate launch``: let accelerate wrap the adapter model (DDP, FSDP or DeepSpeed, as its
+        config says) and run the embedder's forward through the wrapper. The unwrapped model stays the one
+        whose adapter is saved and merged."""
+        from embedkit import attention as attn  # noqa: PLC0415
+
+        wrapped = self.accelerator.prepare_model(peft_model)
+
+        def forward(embedder, input_ids, attention_mask):
+            inputs = attn.model_inputs(peft_model, input_ids, attention_mask, embedder.attention_bias)
+            return wrapped(**inputs, use_cache=False).last_hidden_state
+        self.embedder.forward_hook = forward
+        return wrapped
 
     def _sync(self, params, loss: float, tokens: int) -> tuple[float, int]:
         """Sum gradients, loss and token counts over processes (each process's loss is its share)."""
@@ -341,7 +371,10 @@ class Run:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+            if self.accelerator is not None:
+                p.grad.mul_(self.world)  # the wrapper averaged the gradients; our losses are shares of a sum
+            else:
+                dist.all_reduce(p.grad)
         stats = torch.tensor([loss, float(tokens)], dtype=torch.float64)
         dist.all_reduce(stats)
         return float(stats[0]), int(stats[1])
@@ -353,8 +386,20 @@ class Run:
             save_checkpoint(self.out / "checkpoints", name, state, named, optimizer, self.recipe.checkpoint.keep)
         _barrier(self.world)
 
-    def _finish_stage(self, index: int, peft_model, extra) -> None:
+    def _finish_stage(self, index: int, peft_model, extra, wrapped=None) -> None:
         cfg = self.recipe.stages[index]
+        full = contextlib.nullcontext()
+        if wrapped is not None and type(wrapped).__name__ == "FullyShardedDataParallel":
+            full = type(wrapped).summon_full_params(wrapped, writeback=True)  # whole weights to save and merge
+        with full:
+            self._save_and_merge(index, peft_model, extra)
+        self.embedder.set_attention(self.recipe.model.attention)
+        if self.main and cfg.save_merged:
+            self.embedder.save(self.out / "stages" / self.recipe.stage_name(index) / "embedder")
+        self.evaluate(f"after {self.recipe.stage_name(index)}")
+        self._checkpoint({"stage": index + 1, "step": 0}, None, None)
+
+    def _save_and_merge(self, index: int, peft_model, extra) -> None:
         folder = self.out / "stages" / self.recipe.stage_name(index)
         if self.main:
             from embedkit.train._atomic import atomic_write_dir  # noqa: PLC0415
@@ -371,11 +416,6 @@ class Run:
                     save_file({"lm_head.weight": extra[0].detach().contiguous().cpu()}, str(tmp / "extra.safetensors"))
             atomic_write_dir(folder / "adapter", fill)
         self._merge(peft_model)
-        self.embedder.set_attention(self.recipe.model.attention)
-        if self.main and cfg.save_merged:
-            self.embedder.save(folder / "embedder")
-        self.evaluate(f"after {self.recipe.stage_name(index)}")
-        self._checkpoint({"stage": index + 1, "step": 0}, None, None)
 
     # -- everything ------------------------------------------------------------------------------------------
     def run(self) -> Path:

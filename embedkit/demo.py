@@ -49,7 +49,8 @@ def baselines(model: str, data_dir: Path, echo: Callable[[str], None], dtype: st
 
 
 def run_demo(data: str | os.PathLike | None = None, recipe: str | os.PathLike = DEFAULT_RECIPE,
-             overrides: Sequence[str] = (), *, train: bool = True, echo: Callable[[str], None] = print) -> dict:
+             overrides: Sequence[str] = (), *, train: bool = True, with_baselines: bool = True,
+             echo: Callable[[str], None] = print) -> dict:
     """Run every stage of the main job and return its figures (also echoed as it goes)."""
     from embedkit.embedder import Embedder  # noqa: PLC0415
     from embedkit.evaluation.harness import evaluate_model  # noqa: PLC0415
@@ -64,7 +65,7 @@ def run_demo(data: str | os.PathLike | None = None, recipe: str | os.PathLike = 
     out = Path(spec.output_dir)
     figures: dict = {"recipe": str(recipe), "data": str(data_dir)}
     echo(f"[1/5] untrained {spec.model.base}: STS-B test (data {data_dir})")
-    figures["baselines"] = baselines(spec.model.base, data_dir, echo)
+    figures["baselines"] = baselines(spec.model.base, data_dir, echo) if with_baselines else {}
 
     before = Embedder.from_pretrained(spec.model.base, attention=spec.model.attention, pooling=spec.model.pooling,
                                       template=spec.model.template, max_length=128)

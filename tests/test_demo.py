@@ -1,0 +1,23 @@
+"""The main job end to end (`embedkit demo`) on the tiny real model: every stage runs and reports."""
+
+from __future__ import annotations
+
+from embedkit.demo import DEFAULT_RECIPE, run_demo
+
+
+def test_demo_end_to_end_on_stories(stories_path, data_dir, tmp_path):
+    lines: list[str] = []
+    overrides = [f"model.base={stories_path}", "model.dtype=float32", f"output_dir={tmp_path / 'run'}",
+                 "stages.0.steps=2", "stages.0.mask_token=new", "stages.0.batch_size=2",
+                 "stages.1.steps=2", "stages.1.batch_size=4",
+                 "evaluate.sts_splits=[]", "logging.progress_bar=false", "checkpoint.every=0"]
+    figures = run_demo(data_dir, DEFAULT_RECIPE, overrides, echo=lines.append, with_baselines=False)
+    text = "\n".join(lines)
+    for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "saved embedder:"):
+        assert step in text
+    assert figures["baselines"] == {}  # skipped here: the same scorer as "after" (tests/test_baseline_quality.py)
+    assert 0 <= figures["retrieval"]["ndcg_at_10"] <= 1 and 0 <= figures["retrieval"]["recall_at_100"] <= 1
+    assert list(figures["mteb"]) == ["STSBenchmark"]
+    # the MTEB evaluator and our own STS scorer agree on the trained model
+    assert abs(figures["mteb"]["STSBenchmark"] - figures["after"]) < 0.01
+    assert (tmp_path / "run" / "final" / "embedkit.json").is_file()

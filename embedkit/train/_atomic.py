@@ -1,8 +1,8 @@
-"""Atomic file and folder writes for training outputs.
+"""Atomic writes for training outputs: files through ``embedkit.io`` (the project's one atomic writer), and
+whole folders (checkpoints, adapters) here, because ``embedkit.io`` writes single files only.
 
-embedkit/io.py (the encode engineer's helpers) did not exist when this was written; if it appears, these
-can delegate to it. A write goes to a temporary sibling, is fsynced, then renamed over the target, so a
-crash or a full disk leaves the old file (or nothing), never half a file.
+A folder is built under a temporary sibling name, every file fsynced, then renamed over the target, so a crash
+or a full disk leaves the old folder (or nothing), never half a folder.
 """
 
 from __future__ import annotations
@@ -13,40 +13,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from embedkit.io import _fsync_dir, atomic_write_bytes, atomic_write_text
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write bytes to ``path`` via a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+__all__ = ["atomic_write_bytes", "atomic_write_dir", "atomic_write_text"]
 
 
 def atomic_write_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:

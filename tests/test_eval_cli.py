@@ -19,15 +19,17 @@ def _eval(*args: str):
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    """stories260K evaluated twice (mean and last pooling) on a tiny STS + pair-classification folder."""
+    """stories260K evaluated twice (mean and last pooling) on a tiny STS + pair-classification folder, given as
+    a folder of task folders and as a task-set file."""
     root = tmp_path_factory.mktemp("cli")
     make_sts(root / "data", n=20)
     make_pair(root / "data")
+    (root / "set.txt").write_text("# both tiny tasks, relative to --data\npair_classification/TinyPairs\nsts/TinySTS\n")
     results = []
-    for pooling in ("mean", "last"):
+    for pooling, tasks in (("mean", ["--task-dir", str(root / "data")]),
+                           ("last", ["--task-set", str(root / "set.txt"), "--data", str(root / "data")])):
         out = root / "results" / pooling
-        result = _eval(str(STORIES), "--task-dir", str(root / "data"), "--pooling", pooling, "--dtype", "float32",
-                       "--output", str(out))
+        result = _eval(str(STORIES), *tasks, "--pooling", pooling, "--dtype", "float32", "--output", str(out))
         assert result.exit_code == 0, result.output
         results.append((result, out))
     return root, results

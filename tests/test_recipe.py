@@ -148,3 +148,17 @@ def test_shipped_recipes_validate():
     for path in ours:
         recipe = load_recipe(path)
         assert recipe.stages
+
+
+def test_cli_train_reports_a_bad_recipe_in_one_line(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(base_recipe(tmp_path)))
+    result = CliRunner().invoke(app, ["train", str(path), "stages.0.temprature=0.1", "--resume"])
+    assert result.exit_code == 2
+    assert "stages.0.temprature = 0.1: unknown key" in result.output
+    assert "Traceback" not in result.output

@@ -63,9 +63,9 @@ def bench_encode(args) -> None:
     from embedkit.corpus import encode_corpus  # noqa: PLC0415
     from embedkit.datasets import read_jsonl  # noqa: PLC0415
 
-    embedder = Embedder.from_pretrained(MODEL, dtype=args.dtype, max_length=args.max_length)
+    embedder = Embedder.from_pretrained(args.model, dtype=args.dtype, max_length=args.max_length)
     rows = list(read_jsonl(MSMARCO / "corpus.jsonl"))
-    out: dict = {"model": MODEL, "max_length": args.max_length, "dtype": str(embedder.backbone.dtype),
+    out: dict = {"model": args.model, "max_length": args.max_length, "dtype": str(embedder.backbone.dtype),
                  "machine": machine(), "runs": []}
     work = Path(tempfile.mkdtemp(prefix="bench-encode-"))
     try:
@@ -81,7 +81,7 @@ def bench_encode(args) -> None:
                 memory.append(time.perf_counter() - began)
                 target = work / f"vectors-{n}-{repeat}"
                 began = time.perf_counter()
-                encode_corpus(embedder, [corpus], target, model_spec=MODEL, rank=0, world_size=1)
+                encode_corpus(embedder, [corpus], target, model_spec=args.model, rank=0, world_size=1)
                 files.append(time.perf_counter() - began)
                 shutil.rmtree(target)
             run = {"texts": n, "in_memory_s": [round(t, 2) for t in memory],
@@ -256,6 +256,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--dtype", default="auto", help="auto = bfloat16 on AMX / AVX512-BF16 CPUs (this machine)")
+    p.add_argument("--model", default=MODEL, help="model spec (a small one makes file handling relatively "
+                   "larger: a stricter test of its overhead)")
     p = sub.add_parser("synthetic")
     p.add_argument("--kind", choices=["random", "clustered"], default="random")
     p.add_argument("--n", type=int, default=1_000_000)

@@ -57,7 +57,7 @@ def test_torchrun_two_cpu_processes_equal_one(tmp_path, embedder, corpus):
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "0", "-m", "embedkit", "encode", str(STORIES),
            "--input", str(corpus), "--output", str(tmp_path / "dist"), "--shard-size", "7", "--dtype", "float32",
            "--max-length", "48"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[rank 0/2]" in proc.stdout and "[rank 1/2]" in proc.stdout
     assert proc.stdout.count("Wrote ") == 1 or proc.stdout.count("Wrote ") == 2  # the last finisher(s) merge

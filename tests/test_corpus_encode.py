@@ -94,7 +94,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, embedder, texts
     script = tmp_path / "killer.py"
     script.write_text(KILLER.format(stories=str(STORIES)))
     proc = subprocess.run([sys.executable, str(script), str(corpus), str(tmp_path / "out"), mode],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (tmp_path / "out" / "manifest.json").exists()
     resumed = encode_corpus(embedder, [corpus], tmp_path / "out", model_spec=STORIES, shard_size=16)

@@ -22,7 +22,7 @@ from embedkit.pooling import POOLING_MODES
 from embedkit.train import registry
 
 AttentionMode = Literal[ATTENTION_MODES]  # type: ignore[valid-type]
-PoolingMode = Literal[tuple(p for p in POOLING_MODES if p != "latent_attention")]  # type: ignore[valid-type]
+PoolingMode = Literal[POOLING_MODES]  # type: ignore[valid-type]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
@@ -47,6 +47,9 @@ class ModelSpec(Strict):
     template: str | None = None
     query_instruction: str | None = None
     document_instruction: str | None = None
+    latent_attention: dict[str, int] | None = Field(
+        None, description="pooling: latent_attention settings (num_latents, num_heads, mlp_ratio); the pooler "
+                          "trains in the contrastive stages.")
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False

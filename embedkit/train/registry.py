@@ -47,4 +47,5 @@ def register_negative_selector(name: str) -> Callable[[Callable], Callable]:
 
 def load_builtins() -> None:
     """Import the modules whose import registers the built-in stages and selectors."""
+    import embedkit.methods.training  # noqa: F401, PLC0415  (soft_mask schedule, dynamic negatives, gem stage)
     import embedkit.train.stages  # noqa: F401, PLC0415

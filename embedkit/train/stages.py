@@ -281,6 +281,11 @@ class ContrastiveStage(Stage):
         with dropout_settings(self.ctx.embedder.backbone, self.config.attention_dropout, self.config.hidden_dropout):
             yield
 
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """A trainable pooler (NV-Embed latent attention) trains with the contrastive stages."""
+        pooler = self.ctx.embedder.pooler
+        return [p.requires_grad_(True) for p in pooler.parameters()] if pooler is not None else []
+
 
 @register_stage("simcse", config=SimCSEConfig)
 class SimCSEStage(ContrastiveStage):
@@ -383,6 +388,9 @@ class SupervisedStage(ContrastiveStage):
             tokens += self._count(neg_tok, range(len(flat)))
 
         def loss_fn(a, p, n=None):
+            observe = getattr(self.select_negatives, "observe", None)  # e.g. dynamic mining reads the scores
+            if observe is not None and n is not None:
+                observe(rows, a.detach(), p.detach(), n.detach())
             return losses.contrastive_loss(a, p, n, cfg.temperature, cfg.gather_across_processes)
         loss = losses.run_towers(towers, loss_fn, cfg.mini_batch_size)
         return StepResult(loss, tokens)

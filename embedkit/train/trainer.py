@@ -205,10 +205,12 @@ class Run:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.base = base
         self.tokenizer = tokenizer
+        torch.manual_seed(_seed_for(self.recipe.seed, -1, -1, 0))  # a latent-attention pooler's init, same on resume
         self.embedder = Embedder.from_pretrained(
             spec.base, attention=spec.attention, pooling=spec.pooling, dtype=spec.dtype, max_length=spec.max_length,
             template=spec.template, query_instruction=spec.query_instruction,
-            document_instruction=spec.document_instruction, backbone=base, tokenizer=tokenizer)
+            document_instruction=spec.document_instruction, latent_attention=spec.latent_attention, backbone=base,
+            tokenizer=tokenizer)
         self.base_name = spec.base
 
     # -- evaluation ------------------------------------------------------------------------------------------
@@ -267,8 +269,12 @@ class Run:
         set_peft_model_state_dict(peft_model, weights)
         extra = adapter / "extra.safetensors"
         if extra.is_file():
-            head = self.causal_lm.get_output_embeddings()
-            head.weight.data.copy_(load_file(str(extra))["lm_head.weight"])
+            saved = load_file(str(extra))
+            if "lm_head.weight" in saved:  # written before extras were saved by position
+                self.causal_lm.get_output_embeddings().weight.data.copy_(saved["lm_head.weight"])
+            for i, param in enumerate(stage.extra_parameters()):
+                if f"extra.{i}" in saved:
+                    param.data.copy_(saved[f"extra.{i}"])
         self._merge(peft_model)
 
     def _make_stage(self, index: int) -> Stage:
@@ -413,7 +419,8 @@ class Run:
                 if extra:
                     from safetensors.torch import save_file  # noqa: PLC0415
 
-                    save_file({"lm_head.weight": extra[0].detach().contiguous().cpu()}, str(tmp / "extra.safetensors"))
+                    save_file({f"extra.{i}": p.detach().contiguous().cpu() for i, p in enumerate(extra)},
+                              str(tmp / "extra.safetensors"))
             atomic_write_dir(folder / "adapter", fill)
         self._merge(peft_model)
 
@@ -440,6 +447,13 @@ class Run:
             else:
                 self.run_stage(index, state if index == state["stage"] else None)
         self.embedder.set_attention(self.recipe.model.attention)
+        if getattr(self.base.config, "quantization_config", None) is not None:
+            # QLoRA: the adapters are merged into 4/8-bit weights; save plain weights so that loading the
+            # embedder needs no bitsandbytes
+            from embedkit.backbone import resolve_dtype  # noqa: PLC0415
+
+            self.base = self.base.dequantize(dtype=resolve_dtype(self.recipe.model.dtype))
+            self.embedder.backbone = self.base
         if self.main:
             self.embedder.save(final)
             self.metrics.close()

@@ -191,6 +191,9 @@ def test_qlora_4bit_trains_a_few_steps(tmp_path):
     final = run_recipe(recipe)
     losses = [float(r.split(",")[3]) for r in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
     assert len(losses) == 3 and all(np.isfinite(losses))
+    import json
+
+    assert "quantization_config" not in json.loads((final / "config.json").read_text())
     vectors = Embedder.load(final).encode(["a cat", "a dog"])
     assert vectors.shape == (2, 64) and np.isfinite(vectors).all()
 

@@ -140,7 +140,9 @@ def test_saved_embedder_runs_as_saved(tmp_path):
     make_sts(tmp_path / "data")
     _one_line_error(_eval(str(saved), "--task-dir", str(tmp_path / "data"), "--pooling", "last"),
                     "saved embedder with pooling='mean'; --pooling last does not apply")
-    result = _eval(str(saved), "--task-dir", str(tmp_path / "data"), "--output", str(tmp_path / "out"))
+    result = _eval(str(saved), "--task-dir", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
+                   "--max-length", "64")
     assert result.exit_code == 0, result.output
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["model"]["label"] == "my-embedder" and run["model"]["spec"] == str(saved)
+    assert run["model"]["config"]["pooling"] == "mean" and run["model"]["config"]["max_length"] == 64

@@ -237,8 +237,11 @@ def load_model(spec: str, *, attention: str | None = None, pooling: str | None =
                              "apply to it (drop --pooling, or evaluate its backbone spec instead).")
     kwargs = {"template": template} if template else {}
     embedder = open_embedder(spec, attention, pooling, dtype, max_length, **kwargs)
-    if template and (Path(spec) / CONFIG_FILE).is_file():
-        embedder.config.template = template
+    if (path / CONFIG_FILE).is_file():  # a saved embedder loads as saved; explicit overrides still apply
+        if template:
+            embedder.config.template = template
+        if max_length:
+            embedder.config.max_length = max_length
     return from_embedder(embedder, label=label or default_label(spec, embedder), spec=spec)
 
 

@@ -58,6 +58,12 @@ def test_wrap_trains_only_float32_adapters(kind):
     assert all(p.grad is not None for p in trainable.values())
 
 
+def test_lora_dtype_model_keeps_bf16_adapters():
+    model = _tiny("llama").to(torch.bfloat16)
+    peft_model = wrap_lora(model, LoraSpec(r=2, alpha=4, dtype="model"), base_name="tiny-base")
+    assert {p.dtype for p in peft_model.parameters() if p.requires_grad} == {torch.bfloat16}
+
+
 def test_mask_block_bert_split_and_position_zero():
     rng = np.random.default_rng(0)
     ids = np.arange(1, 20001) % 90 + 10

@@ -77,7 +77,8 @@ def wrap_lora(model: nn.Module, spec, base_name: str, adapter_name: str = "defau
         r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets, bias="none",
         fan_in_fan_out=model_type in FAN_IN_FAN_OUT,
     )
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=True)
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name,
+                                autocast_adapter_dtype=getattr(spec, "dtype", "float32") == "float32")
     peft_model.peft_config[adapter_name].base_model_name_or_path = str(base_name)
     return peft_model
 

@@ -89,7 +89,7 @@ def test_kill_9_then_resume_matches_uninterrupted(full_run, tmp_path):
     assert not (tmp_path / "run" / "final").exists()
     with pytest.raises(ResumeError, match="already holds a run. Pass --resume"):
         run_recipe(recipe)
-    resumed = run_recipe(recipe, resume=True)
+    resumed = run_recipe(recipe, resume="auto")
     a = load_file(str(final / "model.safetensors"))
     b = load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -107,6 +107,8 @@ def test_resume_refuses_a_different_recipe(full_run, tmp_path):
         run_recipe(other, resume=True)
     with pytest.raises(ResumeError, match="Nothing to resume"):
         run_recipe({**recipe, "output_dir": str(tmp_path / "empty")}, resume=True)
+    assert run_recipe(recipe, resume="auto") == run / "final"  # finished: returns at once
+    assert run_recipe(recipe, resume=True) == run / "final"
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):

@@ -123,7 +123,7 @@ def _seed_for(seed: int, stage: int, step: int, rank: int) -> int:
 class Run:
     """One execution of a recipe (one process's view)."""
 
-    def __init__(self, recipe: Recipe, resume: bool):
+    def __init__(self, recipe: Recipe, resume: bool | str):
         self.recipe = recipe
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
@@ -140,14 +140,18 @@ class Run:
             if stage.batch_size % self.world:
                 raise RecipeError(f"stages.{i}.batch_size={stage.batch_size} must be divisible by the number of "
                                   f"processes ({self.world}): the batch size is global.")
+        if resume not in (True, False, "auto"):
+            raise ValueError(f"resume must be True, False or 'auto', got {resume!r}.")
         self.resume_state = self._check_run_folder(resume)
         self.metrics = MetricsLog(self.out, recipe.logging, enabled=self.main)
         self.results: dict = {}
 
     # -- run folder ------------------------------------------------------------------------------------------
-    def _check_run_folder(self, resume: bool) -> dict | None:
+    def _check_run_folder(self, resume: bool | str) -> dict | None:
         saved = self.out / "recipe.yaml"
         ckpt_root = self.out / "checkpoints"
+        if resume == "auto":
+            resume = saved.is_file()
         if not resume:
             if saved.is_file() or (self.out / FINAL).exists():
                 raise ResumeError(f"{self.out} already holds a run. Pass --resume to continue it, or choose another "
@@ -482,9 +486,12 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def run_recipe(path_or_recipe: str | os.PathLike | dict | Recipe, overrides: list[str] | dict | None = None,
-               resume: bool = False) -> Path:
+               resume: bool | str = False) -> Path:
     """Validate a recipe (file, dict or Recipe) with ``key.sub=value`` overrides, train it, and return the
-    folder of the final embedder (``<output_dir>/final``)."""
+    folder of the final embedder (``<output_dir>/final``).
+
+    ``resume``: False starts a new run (refused if ``output_dir`` holds one), True continues the run there
+    (a finished run returns at once), ``"auto"`` continues if there is a run and starts one otherwise."""
     recipe = load_recipe(path_or_recipe, overrides)
     with contextlib.ExitStack():
         return Run(recipe, resume).run()

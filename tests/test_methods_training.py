@@ -145,3 +145,22 @@ def test_method_settings_are_validated(tmp_path):
                "attention_schedule": {"name": "soft_masks"}}
     with pytest.raises(RecipeError, match="soft_mask"):
         load_recipe(base_recipe(tmp_path, unknown))
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parent.parent / "recipes"
+    found = {p.name: load_recipe(p) for pattern in ("gem-*.yaml", "conan-*.yaml", "nvembed-*.yaml")
+             for p in sorted(root.glob(pattern))}
+    assert {"gem-smollm2-135m.yaml", "conan-smollm2-135m-soft-mining.yaml", "nvembed-smollm2-135m.yaml"} <= set(found)
+    for name, recipe in found.items():
+        stage = recipe.stages[0]
+        if name.startswith("gem-"):
+            assert stage.objective == "gem" and stage.switch_step == 100 and stage.scale_init == 20
+        if name.startswith("nvembed-"):
+            assert recipe.model.pooling == "latent_attention"
+        if "soft" in name or name == "conan-qwen2.5-1.5b.yaml":
+            assert stage.attention_schedule.name == "soft_mask"
+        if "mining" in name or name == "conan-qwen2.5-1.5b.yaml":
+            assert stage.negative_selection == "dynamic"

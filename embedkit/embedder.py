@@ -13,8 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -34,6 +32,7 @@ from embedkit.batching import (
     plan_batches,
     tokenize,
 )
+from embedkit.io import atomic_write_dir
 from embedkit.pooling import (
     ST_POOLING_MODE,
     LatentAttentionConfig,
@@ -259,23 +258,7 @@ class Embedder(nn.Module):
     def save(self, path: str | os.PathLike) -> Path:
         """Write the embedder atomically (temp folder, then rename) as an embedkit + sentence-transformers
         folder. A peft-wrapped backbone is saved merged."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            self._write(tmp)
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        return atomic_write_dir(path, self._write)
 
     def _write(self, folder: Path) -> None:
         backbone = merged_copy(self.backbone)

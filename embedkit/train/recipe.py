@@ -193,7 +193,7 @@ class EvaluateSpec(Strict):
 
     sts_splits: list[Literal["train", "dev", "test"]] = []
     before: bool = False
-    max_length: Annotated[int, Field(ge=2)] = 128
+    max_length: Annotated[int, Field(ge=2)] = Field(128, description="Token limit while scoring (BASELINES: 128).")
 
 
 class Recipe(Strict):

@@ -225,8 +225,13 @@ class Run:
         from embedkit.evaluation.sts import sts_spearman  # noqa: PLC0415
 
         scores = {}
-        for split in splits:
-            scores[f"sts_{split}"] = round(sts_spearman(self.embedder, self.data_dir, split), 4)
+        saved = self.embedder.config.max_length
+        self.embedder.config.max_length = self.recipe.evaluate.max_length
+        try:
+            for split in splits:
+                scores[f"sts_{split}"] = round(sts_spearman(self.embedder, self.data_dir, split), 4)
+        finally:
+            self.embedder.config.max_length = saved
         self.results[label] = scores
         self.metrics.event(label, scores)
         logger.warning("STS-B after %s: %s", label, scores)

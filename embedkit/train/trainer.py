@@ -234,7 +234,7 @@ class Run:
             self.embedder.config.max_length = saved
         self.results[label] = scores
         self.metrics.event(label, scores)
-        logger.warning("STS-B after %s: %s", label, scores)
+        logger.warning("STS-B %s: %s", label, scores)
         atomic_write_text(self.out / "results.json", json.dumps(self.results, indent=2))
 
     # -- stages ----------------------------------------------------------------------------------------------

@@ -50,7 +50,9 @@ def test_eval_runs_a_folder_of_tasks(two_runs):
 def test_compare_prints_one_table(two_runs, tmp_path):
     root, [(_, mean_out), (_, last_out)] = two_runs
     page = tmp_path / "RESULTS.md"
+    (tmp_path / "intro.md").write_text("What these numbers are.\n")
     result = runner.invoke(app, ["eval", "compare", str(root / "results"), "--markdown", str(page),
+                                 "--preamble", str(tmp_path / "intro.md"),
                                  "--csv", str(tmp_path / "c.csv"), "--plot", str(tmp_path / "c.png")])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
@@ -61,7 +63,8 @@ def test_compare_prints_one_table(two_runs, tmp_path):
         assert f"**{100 * run['average']:.2f}**" in line
     assert "Run time per task" in result.output
     text = page.read_text()
-    assert text.startswith("# Evaluation results") and run["model"]["fingerprint"] in text
+    assert text.startswith("# Evaluation results\n\nWhat these numbers are.\n\n| model | TinyPairs |")
+    assert run["model"]["fingerprint"] in text and "## Runs and data" in text
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "c.csv").read_text().splitlines()[0] == "model,fingerprint,TinyPairs,TinySTS,average," \
                                                                "total_seconds"

@@ -168,6 +168,7 @@ def compare(
     csv_out: Annotated[Path, typer.Option("--csv", help="Also write the score table as CSV.")] = None,
     plot: Annotated[Path, typer.Option(help="Also write a grouped bar chart PNG.")] = None,
     title: Annotated[str, typer.Option(help="Title of the markdown page.")] = "Evaluation results",
+    preamble: Annotated[Path, typer.Option(help="Markdown file placed under the title of the page.")] = None,
     times: Annotated[bool, typer.Option(help="Include the run-time table.")] = True,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
@@ -185,8 +186,9 @@ def compare(
         cmp = compare_runs(results)
         typer.echo(comparison_markdown(cmp, times=times), nl=False)
         if markdown:
-            page = comparison_markdown(cmp, title=title, times=times) + "\n## Runs and data\n\n" + \
-                comparison_details(cmp)
+            intro = preamble.read_text(encoding="utf-8").strip() + "\n\n" if preamble else ""
+            page = (f"# {title}\n\n{intro}" + comparison_markdown(cmp, times=times)
+                    + "\n## Runs and data\n\n" + comparison_details(cmp))
             write_atomic(markdown, page)
         if csv_out:
             write_atomic(csv_out, comparison_csv(cmp))

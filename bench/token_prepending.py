@@ -3,6 +3,7 @@ beside plain PromptEOL, with the encode time of both measured side by side (alte
 
     .venv/bin/python bench/token_prepending.py sweep   # dev only: layer range, then output layer, then init
     .venv/bin/python bench/token_prepending.py test --start-layer 8 --end-layer 10 --output-layer 27
+    .venv/bin/python bench/token_prepending.py timing --start-layer 8 --end-layer 10 --output-layer 27 --repeats 5
 
 Results are appended to bench/results/token_prepending.jsonl (one JSON object per measured setting).
 """
@@ -116,9 +117,30 @@ def test(args) -> None:
                 "time_ratio_vs_PromptEOL": min(times[name]) / min(times["PromptEOL"]), "threads": args.threads})
 
 
+def timing(args) -> None:
+    """Encode time only: PromptEOL vs TP on the first ``--n`` unique STS-B test sentences, alternating passes."""
+    plain, with_tp = embedders(args.model, args.dtype)
+    configure(with_tp, args.prompt, start_layer=args.start_layer, end_layer=args.end_layer,
+              output_layer=args.output_layer)
+    s1, s2, _ = read_sts(find_data_dir(args.data), "test")
+    sentences = list(dict.fromkeys(s1 + s2))[: args.n]
+    times = {"PromptEOL": [], "TP": []}
+    for _ in range(args.repeats):
+        for name, embedder in (("PromptEOL", plain), ("TP", with_tp)):
+            start = time.perf_counter()
+            embedder.encode(sentences)
+            times[name].append(time.perf_counter() - start)
+    record({"split": "test", "measure": "time", "sentences": len(sentences), "threads": args.threads,
+            "start_layer": args.start_layer, "end_layer": args.end_layer, "output_layer": args.output_layer,
+            "PromptEOL_s": times["PromptEOL"], "TP_s": times["TP"],
+            "ratio_best": min(times["TP"]) / min(times["PromptEOL"]),
+            "ratio_median": sorted(times["TP"])[len(times["TP"]) // 2] / sorted(
+                times["PromptEOL"])[len(times["PromptEOL"]) // 2]})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["sweep", "test"])
+    parser.add_argument("phase", choices=["sweep", "test", "timing"])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--data", default=None)
@@ -130,10 +152,11 @@ def main() -> None:
     parser.add_argument("--end-layer", type=int, default=8)
     parser.add_argument("--output-layer", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--n", type=int, default=1000, help="timing: sentences to encode")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sweep(args) if args.phase == "sweep" else test(args)
+    {"sweep": sweep, "test": test, "timing": timing}[args.phase](args)
 
 
 if __name__ == "__main__":

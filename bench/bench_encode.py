@@ -66,8 +66,8 @@ def matmul_peak(config, dtype: torch.dtype, tokens: int = 4096, repeats: int = 2
     return best
 
 
-def run_embedkit(embedder: Embedder, texts: list[str]) -> np.ndarray:
-    return embedder.encode(texts, normalize=False)
+def run_embedkit(embedder: Embedder, texts: list[str], workers: int | None = None) -> np.ndarray:
+    return embedder.encode(texts, normalize=False, workers=workers)
 
 
 def run_sentence_transformers(model, texts: list[str], batch_size: int) -> np.ndarray:
@@ -131,6 +131,7 @@ def main() -> None:
 
     systems = {
         "embedkit": lambda: run_embedkit(embedder, texts),
+        "embedkit, 1 worker": lambda: run_embedkit(embedder, texts, workers=1),
         "sentence-transformers": lambda: run_sentence_transformers(st, texts, args.batch_size),
         "transformers (unsorted)": lambda: run_plain(embedder.backbone, tokenizer, texts, args.batch_size),
     }
@@ -162,13 +163,14 @@ def main() -> None:
         rows["llm2vec 0.2.3"] = {"seconds": seconds, "sentences_per_s": len(texts) / seconds,
                                  "tokens_per_s": real_tokens / seconds,
                                  "mfu": real_tokens * per_token / seconds / 1e9 / peak}
-    fastest_peer = max(v["sentences_per_s"] for k, v in rows.items() if k != "embedkit")
+    fastest_peer = max(v["sentences_per_s"] for k, v in rows.items() if not k.startswith("embedkit"))
     ref = vectors["sentence-transformers"]
     got = vectors["embedkit"]
     cosine = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     report = {
         "model": args.model, "n": len(texts), "avg_tokens": real_tokens / len(texts), "dtype": args.dtype,
-        "batch_size_peers": args.batch_size, "rounds": args.rounds, "threads": torch.get_num_threads(),
+        "batch_size_peers": args.batch_size,
+        "embedkit_workers": embedder.default_workers(), "rounds": args.rounds, "threads": torch.get_num_threads(),
         "bf16_matmul_gflops": peak, "flops_per_token": per_token, "systems": rows,
         "embedkit_vs_fastest_peer": rows["embedkit"]["sentences_per_s"] / fastest_peer,
         "embedkit_vs_sentence_transformers_min_cosine": float(cosine.min()),

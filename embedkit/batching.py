@@ -7,15 +7,18 @@ a token budget (not a fixed count) keeps every batch about the same cost.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 8192  # per batch, padded; see bench/ for how it was chosen
+DEFAULT_MAX_TOKENS = 2048  # per batch, padded: on CPU, batches that stay in cache beat big ones (bench/README.md)
 DEFAULT_MAX_BATCH = 512
+BATCHES_PER_WORKER = 4  # enough batches that no worker waits long for the last one
 
 
 @dataclass
@@ -140,3 +143,59 @@ def collate(
         attention[row, start:start + len(seq)] = 1
         pool[row, start + min(prefix, len(seq) - 1):start + len(seq)] = 1
     return input_ids, attention, pool
+
+
+def split_for_workers(lengths: Sequence[int], max_tokens: int, workers: int) -> int:
+    """A token budget small enough that every worker gets several batches (they finish together)."""
+    if workers <= 1 or not lengths:
+        return max_tokens
+    share = sum(lengths) // (BATCHES_PER_WORKER * workers)
+    return max(min(max_tokens, share), max(lengths))
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Set torch's (process-wide) intra-op thread count for a block, then restore it."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def run_batches(batches: Iterable[list[int]], step: Callable[[list[int]], None], workers: int = 1) -> None:
+    """Call ``step(batch)`` for every batch, on ``workers`` threads that each run torch single-threaded.
+
+    On a small CPU model, one torch thread per batch and batches in parallel beats every batch spread over
+    all cores: the many small element-wise kernels of a decoder layer do not split well across threads
+    (bench/README.md measures it). Torch releases the GIL inside its kernels, so threads are enough.
+    """
+    if workers <= 1:
+        for batch in batches:
+            step(batch)
+        return
+    pending = iter(batches)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        with torch.inference_mode():
+            while not errors:
+                with lock:
+                    batch = next(pending, None)
+                if batch is None:
+                    return
+                try:
+                    step(batch)
+                except BaseException as error:  # noqa: BLE001 - re-raised in the calling thread
+                    errors.append(error)
+
+    with torch_threads(1):
+        threads = [threading.Thread(target=worker, name=f"embedkit-encode-{i}") for i in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -30,6 +31,8 @@ from embedkit.batching import (
     Tokenized,
     collate,
     plan_batches,
+    run_batches,
+    split_for_workers,
     tokenize,
 )
 from embedkit.io import atomic_write_dir
@@ -203,11 +206,14 @@ class Embedder(nn.Module):
         show_progress_bar: bool | None = None,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         padding_side: str = "right",
+        workers: int | None = None,
     ) -> np.ndarray:
         """Encode texts to an (n, d) float32 array, in input order.
 
         Tokenizes once, sorts by length and batches by a padded-token budget (``max_tokens``; ``batch_size``
-        caps texts per batch). ``instruction`` is prepended and attended to, but not pooled.
+        caps texts per batch). ``instruction`` is prepended and attended to, but not pooled. ``workers``:
+        batches encoded in parallel, each on one torch thread (default: torch's thread count on CPU, 1 on
+        GPU or with a forward hook that is not thread-safe).
         """
         tokenized = self.tokenize(texts, instruction)
         if tokenized.n_truncated:
@@ -219,7 +225,11 @@ class Embedder(nn.Module):
         out = np.empty((len(tokenized), self.dimension), dtype=np.float32)
         if len(tokenized) == 0:
             return out
-        plan = plan_batches([len(s) for s in tokenized.ids], max_tokens=max_tokens,
+        workers = self.default_workers() if workers is None else workers
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}.")
+        lengths = [len(s) for s in tokenized.ids]
+        plan = plan_batches(lengths, max_tokens=split_for_workers(lengths, max_tokens, workers),
                             max_batch=batch_size or DEFAULT_MAX_BATCH)
         if show_progress_bar is None:
             show_progress_bar = len(tokenized) >= PROGRESS_BAR_MIN_TEXTS
@@ -227,15 +237,28 @@ class Embedder(nn.Module):
         self.eval()
         try:
             with tqdm(total=len(tokenized), disable=not show_progress_bar, desc="encode", unit="text") as bar:
-                for rows in plan:
+                bar_lock = threading.Lock()
+
+                def step(rows: list[int]) -> None:
                     vectors = self(*self.collate(tokenized, rows, padding_side)).float()
                     if normalize:
                         vectors = torch.nn.functional.normalize(vectors, dim=-1)
                     out[rows] = vectors.cpu().numpy()
-                    bar.update(len(rows))
+                    with bar_lock:
+                        bar.update(len(rows))
+
+                run_batches(plan, step, workers=min(workers, len(plan)))
         finally:
             self.train(was_training)
         return out
+
+    def default_workers(self) -> int:
+        """Parallel encode batches: one per torch thread on CPU; 1 on GPU or under a stateful forward hook."""
+        if self.device.type != "cpu":
+            return 1
+        if self.forward_hook is not None and not getattr(self.forward_hook, "thread_safe", False):
+            return 1
+        return torch.get_num_threads()
 
     def encode_queries(self, texts: Sequence[str], **kwargs) -> np.ndarray:
         """Encode with the query instruction (if the embedder has one)."""

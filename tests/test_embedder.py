@@ -12,7 +12,7 @@ from sentence_transformers import SentenceTransformer
 
 from embedkit import Embedder, EmbedderConfig
 from embedkit.backbone import ModelNotFoundError, fast_dtype, resolve_dtype, resolve_spec
-from embedkit.batching import collate, plan_batches
+from embedkit.batching import collate, plan_batches, run_batches, split_for_workers
 
 TEXTS = ["Once upon a time there was a little girl.", "The dog ran to the park.", "Lily liked to play.",
          "One day, a big bird flew over the house and sang a song for everyone to hear."]
@@ -103,6 +103,39 @@ def test_config_validation():
         EmbedderConfig(backbone="x", template="no placeholder")
     with pytest.raises(ValueError, match="Unknown EmbedderConfig keys \\['colour'\\]"):
         EmbedderConfig.from_dict({"backbone": "x", "colour": "red"})
+
+
+def test_parallel_workers_give_the_same_vectors(stories):
+    texts = [f"{t} ({i})" for i in range(12) for t in TEXTS]
+    one = stories.encode(texts, workers=1)
+    np.testing.assert_allclose(stories.encode(texts, workers=3, max_tokens=64), one, atol=1e-5)
+    threads = torch.get_num_threads()
+    stories.encode(texts, workers=2)
+    assert torch.get_num_threads() == threads  # the process-wide setting is restored
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        stories.encode(texts, workers=0)
+
+
+def test_parallel_batches_raise_the_first_error_and_stateful_hooks_run_alone(stories):
+    seen = []
+
+    def step(batch):
+        seen.append(torch.get_num_threads())
+        if batch == [2]:
+            raise RuntimeError("batch 2 failed")
+
+    with pytest.raises(RuntimeError, match="batch 2 failed"):
+        run_batches([[0], [1], [2], [3]], step, workers=2)
+    assert set(seen) == {1}  # each worker runs torch single-threaded
+    assert split_for_workers([10] * 40, max_tokens=2048, workers=2) == 50  # 4 batches per worker
+    assert split_for_workers([300, 10], max_tokens=2048, workers=2) == 300  # never below the longest text
+    stories.forward_hook = lambda embedder, ids, mask: embedder.backbone(input_ids=ids, attention_mask=mask)[0]
+    try:
+        assert stories.default_workers() == 1
+        stories.forward_hook.thread_safe = True
+        assert stories.default_workers() == torch.get_num_threads()
+    finally:
+        stories.forward_hook = None
 
 
 def test_batch_plan_respects_budget_and_covers_all():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +64,28 @@ def test_lora_dtype_model_keeps_bf16_adapters():
     model = _tiny("llama").to(torch.bfloat16)
     peft_model = wrap_lora(model, LoraSpec(r=2, alpha=4, dtype="model"), base_name="tiny-base")
     assert {p.dtype for p in peft_model.parameters() if p.requires_grad} == {torch.bfloat16}
+
+
+def test_lora_dtype_mixed_keeps_float32_adapters_and_computes_in_bf16():
+    model = _tiny("llama").to(torch.bfloat16)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    torch.manual_seed(0)
+    spec = LoraSpec(r=2, alpha=4, dropout=0.0, dtype="float32")
+    reference = wrap_lora(copy.deepcopy(model), spec, base_name="tiny-base")
+    torch.manual_seed(0)
+    mixed = wrap_lora(model, LoraSpec(r=2, alpha=4, dropout=0.0, dtype="mixed"), base_name="tiny-base")
+    trainable = {n: p for n, p in mixed.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
+    for name, param in reference.named_parameters():  # a non-zero adapter, so the LoRA path counts
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+            dict(mixed.named_parameters())[name].data.copy_(param.data)
+    out = mixed(input_ids=ids).last_hidden_state
+    assert out.dtype == torch.bfloat16
+    ref = reference(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(out.float(), ref.float(), atol=0.05 * float(ref.abs().max()), rtol=0)
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
 
 
 def test_mask_block_bert_split_and_position_zero():

@@ -77,10 +77,31 @@ def wrap_lora(model: nn.Module, spec, base_name: str, adapter_name: str = "defau
         r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets, bias="none",
         fan_in_fan_out=model_type in FAN_IN_FAN_OUT,
     )
+    dtype = getattr(spec, "dtype", "float32")
     peft_model = get_peft_model(model, config, adapter_name=adapter_name,
-                                autocast_adapter_dtype=getattr(spec, "dtype", "float32") == "float32")
+                                autocast_adapter_dtype=dtype in ("float32", "mixed"))
     peft_model.peft_config[adapter_name].base_model_name_or_path = str(base_name)
+    if dtype == "mixed":
+        compute_in_model_dtype(peft_model)
     return peft_model
+
+
+def compute_in_model_dtype(peft_model: nn.Module) -> None:
+    """Mixed precision for float32 adapters on a bf16/fp16 model: the adapters' matmuls run in the model's
+    dtype under autocast, the float32 parameters take the updates.
+
+    peft otherwise casts every adapted layer's input up to float32 (a copy of each activation, and float32
+    matmuls); here inputs stay in the model's dtype. Losses are computed outside the model, in float32.
+    """
+    frozen = [p for p in peft_model.parameters() if not p.requires_grad and p.is_floating_point()]
+    dtype = frozen[0].dtype if frozen else torch.float32
+    if dtype == torch.float32:
+        return
+    for module in peft_model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+    device_type = frozen[0].device.type
+    peft_model.forward = torch.autocast(device_type, dtype=dtype)(peft_model.forward)
 
 
 def require_bitsandbytes() -> None:

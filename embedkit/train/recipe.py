@@ -68,9 +68,10 @@ class LoraSpec(Strict):
     target_modules: Literal["auto"] | list[str] = "auto"
     quantization: Literal["none", "4bit", "8bit"] = "none"
     quant_type: Literal["nf4", "fp4"] = "nf4"
-    dtype: Literal["float32", "model"] = Field(
-        "float32", description="Adapter parameters: float32 (stable updates) or the model's dtype (bf16: fewer "
-        "casts, less memory; what sentence-transformers' add_adapter does).")
+    dtype: Literal["float32", "mixed", "model"] = Field(
+        "float32", description="Adapter parameters: float32 (stable updates, float32 compute); mixed (float32 "
+        "parameters, matmuls in the model's dtype under autocast: bf16 speed with float32 updates); or the model's "
+        "dtype (bf16: what sentence-transformers' add_adapter does; small updates can round away).")
 
 
 class OptimizerSpec(Strict):

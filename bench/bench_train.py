@@ -27,15 +27,15 @@ def sentences(n: int) -> list[str]:
 
 
 def bench_embedkit(model: str, texts: list[str], steps: int, batch: int, max_length: int, folder: Path,
-                   lora_dtype: str = "float32") -> dict:
+                   lora_dtype: str, lora_dropout: float, attn: str) -> dict:
     from embedkit.train import run_recipe
 
     data = folder / "texts.txt"
     data.write_text("\n".join(texts) + "\n")
     recipe = {
         "model": {"base": model, "dtype": "bfloat16", "attention": "causal", "pooling": "mean",
-                  "max_length": max_length},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "dtype": lora_dtype},
+                  "max_length": max_length, "attn_implementation": attn},
+        "lora": {"r": 16, "alpha": 32, "dropout": lora_dropout, "dtype": lora_dtype},
         "output_dir": str(folder / "embedkit-run"),
         "checkpoint": {"every": 0},
         "logging": {"every": 1, "progress_bar": False, "tensorboard": False, "plot": False},
@@ -47,11 +47,11 @@ def bench_embedkit(model: str, texts: list[str], steps: int, batch: int, max_len
     rates = [float(r.split(",")[5]) for r in rows]
     # per-step rates; their harmonic mean ~ total tokens / total time (steps carry similar token counts)
     rate = len(rates) / sum(1 / r for r in rates)
-    return {"system": f"embedkit (LoRA {lora_dtype})", "tokens_per_s": round(rate, 1), "steps": steps}
+    return {"system": f"embedkit (LoRA {lora_dtype}, {attn})", "tokens_per_s": round(rate, 1), "steps": steps}
 
 
 def bench_sentence_transformers(model: str, texts: list[str], steps: int, batch: int, max_length: int,
-                                folder: Path) -> dict:
+                                folder: Path, lora_dropout: float) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from sentence_transformers import (
@@ -70,7 +70,7 @@ def bench_sentence_transformers(model: str, texts: list[str], steps: int, batch:
     st.max_seq_length = max_length
     if st.tokenizer.pad_token is None:
         st.tokenizer.pad_token = st.tokenizer.eos_token
-    st.add_adapter(LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+    st.add_adapter(LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout,
                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                               "down_proj"]))
     used = texts[: batch * (steps + 1)]
@@ -104,8 +104,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--lora-dtype", choices=["float32", "model"], default="float32",
+    parser.add_argument("--lora-dtype", choices=["float32", "mixed", "model"], default="mixed",
                         help="embedkit's adapter dtype (sentence-transformers' add_adapter keeps the model's)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout, both systems")
+    parser.add_argument("--attn", default="eager", help="embedkit's attn_implementation (its CPU recipes: eager)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,11 +115,12 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         results.append(bench_embedkit(args.model, texts, args.steps, args.batch, args.max_length, Path(tmp),
-                                      args.lora_dtype))
+                                      args.lora_dtype, args.lora_dropout, args.attn))
         results.append(bench_sentence_transformers(args.model, texts, args.steps, args.batch, args.max_length,
-                                                   Path(tmp)))
+                                                   Path(tmp), args.lora_dropout))
     ratio = results[0]["tokens_per_s"] / results[1]["tokens_per_s"]
     record = {"model": args.model, "batch": args.batch, "max_length": args.max_length,
+              "lora_dropout": args.lora_dropout,
               "threads": torch.get_num_threads(), "results": results, "embedkit_over_st": round(ratio, 2),
               "time": time.strftime("%Y-%m-%d %H:%M")}
     for r in results:

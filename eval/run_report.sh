@@ -39,4 +39,5 @@ for model in "${models[@]}"; do
 done
 
 "$PY" -m embedkit eval compare "$RESULTS" --markdown eval/RESULTS.md --csv "$RESULTS/comparison.csv" \
-  --plot "$RESULTS/comparison.png" --title "embedkit evaluation results ($TASK_SET task set)"
+  --plot "$RESULTS/comparison.png" --title "embedkit evaluation results ($TASK_SET task set)" \
+  --preamble eval/results_intro.md

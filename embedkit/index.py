@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedkit.io import atomic_path, atomic_save_npy, atomic_write_json, sha256_file
+from embedkit.io import atomic_path, atomic_save_npy, atomic_write_json, replace_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -478,22 +478,11 @@ def build_index(
                       for p in sorted(tmp.iterdir()) if p.is_file()},
         })
         atomic_write_json(tmp / "index.json", info)
-        _swap_in(tmp, output)
+        replace_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BuildResult(output, info, note is None, note=note)
-
-
-def _swap_in(tmp: Path, output: Path) -> None:
-    if output.exists():
-        old = output.with_name(f".{output.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(output, old)
-        os.replace(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, output)
 
 
 def _read_json(path: Path) -> dict | None:

@@ -127,16 +127,21 @@ def atomic_write_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> P
             if file.is_file():
                 with file.open("rb") as handle:
                     os.fsync(handle.fileno())
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Rename a finished folder over ``path``; an existing one is moved aside first and removed after."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)

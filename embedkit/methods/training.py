@@ -117,8 +117,7 @@ class GEMStage(Stage):
 
     @classmethod
     def check_data(cls, config, data_dir, recipe_dir) -> int:
-        return sum(len(read_texts(p, config.data.format, config.data.text_field, config.data.limit))
-                   for p in cls.data_paths(config, data_dir, recipe_dir))
+        return cls.count_texts(config, data_dir, recipe_dir)
 
     def setup_model(self) -> None:
         cfg = self.config

@@ -64,6 +64,12 @@ class Stage:
         """Read the stage's files and return the row count; raise DataError naming file and line."""
         raise NotImplementedError
 
+    @classmethod
+    def count_texts(cls, config: StageConfig, data_dir: Path | None, recipe_dir: Path | None) -> int:
+        """``check_data`` for stages that read plain texts: every file read, the texts counted."""
+        return sum(len(read_texts(p, config.data.format, config.data.text_field, config.data.limit))
+                   for p in cls.data_paths(config, data_dir, recipe_dir))
+
     def setup_model(self) -> None:
         """Before the LoRA adapter is added (e.g. resize embeddings for a new mask token)."""
 
@@ -175,8 +181,7 @@ class MNTPStage(Stage):
 
     @classmethod
     def check_data(cls, config, data_dir, recipe_dir) -> int:
-        return sum(len(read_texts(p, config.data.format, config.data.text_field, config.data.limit))
-                   for p in cls.data_paths(config, data_dir, recipe_dir))
+        return cls.count_texts(config, data_dir, recipe_dir)
 
     def _mask_token_id(self) -> int:
         tok = self.ctx.tokenizer
@@ -295,8 +300,7 @@ class SimCSEStage(ContrastiveStage):
 
     @classmethod
     def check_data(cls, config, data_dir, recipe_dir) -> int:
-        return sum(len(read_texts(p, config.data.format, config.data.text_field, config.data.limit))
-                   for p in cls.data_paths(config, data_dir, recipe_dir))
+        return cls.count_texts(config, data_dir, recipe_dir)
 
     def prepare(self) -> None:
         texts = []

@@ -157,6 +157,17 @@ class Embedder(nn.Module):
     def device(self) -> torch.device:
         return self.backbone.get_input_embeddings().weight.device
 
+    def compile_layers(self) -> Embedder:
+        """Compile the decoder layers with ``torch.compile`` (fused element-wise kernels: faster long encodes
+        on CPU; the first batches pay the compile). Weights, state dict and fingerprint are unchanged."""
+        from embedkit.compilation import compile_decoder_layers  # noqa: PLC0415
+
+        if self.forward_hook is not None:
+            raise ValueError("compile_layers() does not apply under a forward hook (e.g. Token Prepending, GEM): "
+                             "the hook's per-call module hooks would recompile every batch. Encode uncompiled.")
+        compile_decoder_layers(self.backbone)
+        return self
+
     def set_attention(self, mode: str) -> None:
         """Switch causal <-> bidirectional on the loaded model (verified by a probe)."""
         attn.set_mode(self.backbone, mode)

@@ -199,3 +199,21 @@ def test_fingerprint_changes_with_weights(stories_path):
     with torch.no_grad():
         b.backbone.norm.weight.add_(1e-3)
     assert a.fingerprint() != b.fingerprint()
+
+
+def test_compiled_layers_give_the_same_vectors_and_weights(stories_path):
+    from embedkit.compilation import is_compiled  # noqa: PLC0415
+
+    embedder = Embedder.from_pretrained(stories_path, dtype="float32")
+    texts = [f"{t} ({i})" for i in range(6) for t in TEXTS]
+    eager, fingerprint, keys = embedder.encode(texts), embedder.fingerprint(), list(embedder.state_dict())
+    assert not is_compiled(embedder.backbone)
+    embedder.compile_layers()
+    assert is_compiled(embedder.backbone)
+    # batch sizes and lengths vary across batches: dynamic shapes, so no layer falls back to eager
+    np.testing.assert_allclose(embedder.encode(texts, max_tokens=64), eager, atol=1e-4)
+    assert embedder.fingerprint() == fingerprint and list(embedder.state_dict()) == keys
+    assert torch._dynamo.config.cache_size_limit >= 8 * embedder.backbone.config.num_hidden_layers
+    embedder.forward_hook = lambda e, ids, mask: e.backbone(input_ids=ids, attention_mask=mask)[0]
+    with pytest.raises(ValueError, match="does not apply under a forward hook"):
+        embedder.compile_layers()

@@ -5,8 +5,10 @@ and saves an embedder that embeds with its special tokens."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,6 +97,12 @@ def test_dynamic_mining_replaces_negatives_across_epochs(supervised_run):
     assert len(swapped) == len(second)  # floor 2.0: every first score is "too easy", pools were fed in-batch
     for r in swapped:
         assert second[r][0] != data[r][0]
+    # the miner's counts are logged at the end of the stage (16 observations: 4 steps x 4 anchors)
+    recipe = supervised_run[0]
+    events = {row["event"]: row["value"] for row in csv.DictReader(open(Path(recipe["output_dir"]) / "metrics.csv"))
+              if row["event"]}
+    assert int(events["0-supervised stage: observed"]) == 16
+    assert int(events["0-supervised stage: replacements"]) >= len(swapped)
 
 
 def test_latent_attention_trained_saved_and_loaded(supervised_run):
@@ -148,7 +156,6 @@ def test_method_settings_are_validated(tmp_path):
 
 
 def test_shipped_recipes_validate():
-    from pathlib import Path  # noqa: PLC0415
 
     root = Path(__file__).resolve().parent.parent / "recipes"
     found = {p.name: load_recipe(p) for pattern in ("gem-*.yaml", "conan-*.yaml", "nvembed-*.yaml")

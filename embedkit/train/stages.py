@@ -95,6 +95,10 @@ class Stage:
     def step(self, rows: Sequence[int], step: int) -> StepResult:
         raise NotImplementedError
 
+    def report(self) -> dict:
+        """Figures the stage gathered while training (e.g. negatives replaced by mining), logged at its end."""
+        return {}
+
 
 # -- helpers -------------------------------------------------------------------------------------------------
 
@@ -398,3 +402,7 @@ class SupervisedStage(ContrastiveStage):
             return losses.contrastive_loss(a, p, n, cfg.temperature, cfg.gather_across_processes)
         loss = losses.run_towers(towers, loss_fn, cfg.mini_batch_size)
         return StepResult(loss, tokens)
+
+    def report(self) -> dict:
+        stats = getattr(self.select_negatives, "stats", None)
+        return stats() if callable(stats) else {}

@@ -363,6 +363,10 @@ class Run:
             if wrapped is not None:
                 self.embedder.forward_hook = None
         self.embedder.eval()
+        report = stage.report()
+        if report and self.main:
+            self.metrics.event(f"{name} stage", report)
+            logger.warning("%s stage: %s", name, report)
         self._finish_stage(index, peft_model, extra, wrapped)
 
     def _accelerate(self, peft_model, optimizer):

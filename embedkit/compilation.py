@@ -2,8 +2,8 @@
 
 A decoder layer's element-wise kernels (RMSNorm, rotary, SiLU, residual adds) are memory-bound and take about
 40% of an eager forward on CPU; inductor fuses them. Each layer is compiled in place (``nn.Module.compile``),
-with dynamic shapes, so the module tree, the state dict and the fingerprint stay as they were, and every layer
-shares one traced graph (inductor's cache compiles it once). The first batches pay the compile time (tens of
+with dynamic shapes, so the module tree, the state dict and the fingerprint stay as they were; the layers are
+alike, so inductor's cache compiles their code once. The first batches pay the compile time (tens of
 seconds); long jobs (corpus encoding, evaluation) gain it back many times (bench/README.md has the figures).
 """
 

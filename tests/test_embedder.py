@@ -210,7 +210,7 @@ def test_compiled_layers_give_the_same_vectors_and_weights(stories_path):
     assert not is_compiled(embedder.backbone)
     embedder.compile_layers()
     assert is_compiled(embedder.backbone)
-    # batch sizes and lengths vary across batches: dynamic shapes, so no layer falls back to eager
+    # batches of several sizes and lengths: one dynamic-shape graph serves them all
     np.testing.assert_allclose(embedder.encode(texts, max_tokens=64), eager, atol=1e-4)
     assert embedder.fingerprint() == fingerprint and list(embedder.state_dict()) == keys
     assert torch._dynamo.config.cache_size_limit >= 8 * embedder.backbone.config.num_hidden_layers

@@ -230,7 +230,6 @@ def enable_gem(embedder, num_special_tokens: int = 1, isolate_special_tokens: bo
 # -- generation check ----------------------------------------------------------------------------------------
 
 @torch.inference_mode()
-@torch.no_grad()
 def perplexity(causal_lm: nn.Module, tokenizer, texts: Sequence[str], *, max_length: int = 128,
                batch_size: int = 32) -> float:
     """exp(mean next-token NLL) over every predicted token of ``texts`` (each text on its own, as tokenized

@@ -159,12 +159,15 @@ class Embedder(nn.Module):
 
     def compile_layers(self) -> Embedder:
         """Compile the decoder layers with ``torch.compile`` (fused element-wise kernels: faster long encodes
-        on CPU; the first batches pay the compile). Weights, state dict and fingerprint are unchanged."""
-        from embedkit.compilation import compile_decoder_layers  # noqa: PLC0415
+        on CPU; the first batches pay the compile). Weights, state dict and fingerprint are unchanged; sdpa
+        attention becomes eager attention, which compiles (see ``use_compilable_attention``)."""
+        from embedkit.compilation import compile_decoder_layers, use_compilable_attention  # noqa: PLC0415
 
         if self.forward_hook is not None:
             raise ValueError("compile_layers() does not apply under a forward hook (e.g. Token Prepending, GEM): "
                              "the hook's per-call module hooks would recompile every batch. Encode uncompiled.")
+        if use_compilable_attention(self.backbone):
+            self.set_attention(self.config.attention)  # re-probe the mode under the new attention implementation
         compile_decoder_layers(self.backbone)
         return self
 

@@ -149,3 +149,22 @@ def test_saved_embedder_runs_as_saved(tmp_path):
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["model"]["label"] == "my-embedder" and run["model"]["spec"] == str(saved)
     assert run["model"]["config"]["pooling"] == "mean" and run["model"]["config"]["max_length"] == 64
+
+
+def test_compile_refuses_sentence_transformers_models(tmp_path):
+    make_sts(tmp_path)
+    _one_line_error(_eval("all-MiniLM-L6-v2", "--task-dir", str(tmp_path), "--compile"),
+                    "--compile applies to embedkit models")
+
+
+def test_compile_flag_compiles_and_is_recorded(tmp_path, monkeypatch):
+    from embedkit import Embedder  # noqa: PLC0415
+
+    make_sts(tmp_path / "data", n=20)
+    calls = []
+    monkeypatch.setattr(Embedder, "compile_layers", lambda self: calls.append(self) or self)  # compiling: test_embedder
+    result = _eval(str(STORIES), "--task-dir", str(tmp_path / "data"), "--dtype", "float32", "--compile",
+                   "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["model"]["runtime"]["compiled"] is True

@@ -227,3 +227,12 @@ def test_cli_encode_index_search(tmp_path, corpus, monkeypatch):
     assert result.exit_code == 2 and "missing.jsonl does not exist" in result.output
     result = runner.invoke(app, ["index", "build", str(tmp_path / "x"), "--output", str(tmp_path / "y")])
     assert result.exit_code == 2 and "does not exist: run `embedkit encode` first" in result.output
+
+
+def test_cli_encode_compile_flag_compiles_the_embedder(tmp_path, corpus, monkeypatch):
+    calls = []
+    monkeypatch.setattr(Embedder, "compile_layers", lambda self: calls.append(self) or self)  # compiling: test_embedder
+    result = CliRunner().invoke(app, ["encode", str(STORIES), "--input", str(corpus[0]), "--output",
+                                      str(tmp_path / "v"), "--dtype", "float32", "--max-length", "48", "--compile"])
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1 and f"{N_TEXTS} vectors" in result.output

@@ -295,7 +295,17 @@ class Embedder(nn.Module):
     def save(self, path: str | os.PathLike) -> Path:
         """Write the embedder atomically (temp folder, then rename) as an embedkit + sentence-transformers
         folder. A peft-wrapped backbone is saved merged."""
+        self._warn_if_sentence_transformers_differs(Path(path))
         return atomic_write_dir(path, self._write)
+
+    def _warn_if_sentence_transformers_differs(self, path: Path) -> None:
+        cfg = self.config
+        if cfg.pooling == "eos" or cfg.template is not None or self.forward_hook or self.attention_bias:
+            logger.warning(
+                "sentence-transformers cannot reproduce %s: SentenceTransformer(%s) will load but give "
+                "different vectors; use embedkit.Embedder.load for this model.",
+                "pooling='eos'" if cfg.pooling == "eos" else "a template or attention/forward hook", path,
+            )
 
     def _write(self, folder: Path) -> None:
         backbone = merged_copy(self.backbone)
@@ -310,12 +320,6 @@ class Embedder(nn.Module):
     def _write_sentence_transformers(self, folder: Path) -> None:
         """The sentence-transformers side: modules.json and each module's config."""
         cfg = self.config
-        if cfg.pooling == "eos" or cfg.template is not None or self.forward_hook or self.attention_bias:
-            logger.warning(
-                "sentence-transformers cannot reproduce %s: SentenceTransformer(%s) will load but give "
-                "different vectors; use embedkit.Embedder.load for this model.",
-                "pooling='eos'" if cfg.pooling == "eos" else "a template or attention/forward hook", folder,
-            )
         modules = [{"idx": 0, "name": "0", "path": "",
                     "type": "sentence_transformers.base.modules.transformer.Transformer"}]
         (folder / "sentence_bert_config.json").write_text(json.dumps({

@@ -66,6 +66,16 @@ def test_truncation_warns_once_with_count(stories_path, caplog):
     assert max(len(s) for s in embedder.tokenize(TEXTS).ids) == 8
 
 
+def test_save_warns_with_the_final_folder_when_sentence_transformers_differs(stories_path, tmp_path, caplog):
+    embedder = Embedder.from_pretrained(stories_path, dtype="float32", pooling="last", template="Say {text}")
+    with caplog.at_level(logging.WARNING, logger="embedkit.embedder"):
+        embedder.save(tmp_path / "saved")
+    messages = [r.getMessage() for r in caplog.records if "cannot reproduce" in r.getMessage()]
+    assert messages == [f"sentence-transformers cannot reproduce a template or attention/forward hook: "
+                        f"SentenceTransformer({tmp_path / 'saved'}) will load but give different vectors; use "
+                        "embedkit.Embedder.load for this model."]
+
+
 def test_missing_model_lists_what_was_tried(tmp_path):
     with pytest.raises(ModelNotFoundError) as err:
         resolve_spec(tmp_path / "nope")

@@ -45,7 +45,7 @@ EXACT_MAX_ROWS = 100_000  # auto: exact search up to here (~2,000 queries/s at 1
 HNSW_MAX_ROWS = 5_000_000  # auto: HNSW up to here if the vectors fit in half the RAM; IVF-PQ beyond
 PROBES = 200
 CALIBRATION_K = 10
-EF_SEARCH_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+EF_SEARCH_STEPS = (16, 24, 32, 40, 48, 64, 80, 96, 128, 192, 256, 384, 512, 768, 1024)
 NPROBE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
 K_FACTOR_STEPS = (1, 2, 4, 8, 16, 32, 64, 128)
 MMAP_MIN_BYTES = 256 << 20  # Index.load memory-maps index files at least this large (mmap=None)
@@ -144,6 +144,7 @@ class BuildOptions:
     metric: str | None = None  # default: the vectors manifest's (ip for normalised vectors, else l2)
     hnsw_m: int = 32
     ef_construction: int = 80
+    locality_order: bool = True  # HNSW: add rows grouped by k-means cluster (faster build and search)
     nlist: int | None = None  # IVF lists; default ~sqrt(n)
     pq_m: int | None = None  # PQ sub-quantizers; default d/4 (a divisor of d)
     train_size: int | None = None  # IVF training sample; default 64 per list, at least 39 per list
@@ -189,6 +190,8 @@ def _param_names(index) -> list[str]:
     import faiss  # noqa: PLC0415
 
     names = []
+    if isinstance(index, faiss.IndexIDMap):  # HNSW in locality order
+        index = faiss.downcast_index(index.index)
     if isinstance(index, faiss.IndexRefine):
         names.append("k_factor")
         index = faiss.downcast_index(index.base_index)
@@ -299,6 +302,33 @@ def calibrate(index, source, metric: str, target: float, seed: int = 0, probes: 
     return {"settings": best, "recall_at_10": recall, "probes": len(queries), "target": target, "curve": curve}
 
 
+def locality_order(source, metric: str, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Row positions grouped by k-means cluster (about sqrt(n) clusters, trained on a sample).
+
+    HNSW adds rows in this order, so a graph's neighbours sit near each other in memory. A search then walks a
+    few contiguous regions instead of the whole array. On 1M x 256 clustered vectors this made searches 1.6x
+    faster relative to exact search at the same recall, and the build 3.4x faster (bench/README.md).
+    """
+    import faiss  # noqa: PLC0415
+
+    source = source if isinstance(source, _Source) else _Source(source)
+    began = time.perf_counter()
+    clusters = max(1, min(int(round(math.sqrt(source.count))), source.count // 39))
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(source.count, size=min(source.count, 64 * clusters), replace=False))
+    kmeans = faiss.Kmeans(source.dimension, clusters, niter=10, seed=seed, spherical=metric == "ip")
+    kmeans.train(source.take(sample))
+    assignment = np.concatenate([kmeans.index.search(chunk, 1)[1][:, 0] for chunk in source.chunks()])
+    order = np.argsort(assignment, kind="stable")
+    return order, {"clusters": clusters, "seconds": round(time.perf_counter() - began, 2)}
+
+
+def _take_in_order(source: _Source, positions: np.ndarray) -> np.ndarray:
+    """Rows at ``positions`` (any order) as float32, in that order."""
+    ascending = np.sort(positions)
+    return source.take(ascending)[np.searchsorted(ascending, positions)]
+
+
 def faiss_nlist(index) -> int:
     import faiss  # noqa: PLC0415
 
@@ -332,8 +362,15 @@ def build_faiss(vectors, options: BuildOptions | None = None, metric: str = "ip"
         index.train(source.take(sample))
         train_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for chunk in source.chunks():
-        index.add(chunk)
+    order_info = None
+    if isinstance(index, faiss.IndexHNSW) and options.locality_order:
+        order, order_info = locality_order(source, metric, options.seed)
+        index = faiss.IndexIDMap(index)  # labels stay row positions
+        for positions in np.array_split(order, max(1, math.ceil(len(order) / 65536))):
+            index.add_with_ids(_take_in_order(source, positions), positions.astype(np.int64))
+    else:
+        for chunk in source.chunks():
+            index.add(chunk)
     add_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     calibration = calibrate(index, source, metric, options.target_recall, options.seed)
@@ -342,6 +379,7 @@ def build_faiss(vectors, options: BuildOptions | None = None, metric: str = "ip"
         "dimension": source.dimension, "train_rows": train_rows,
         "search": calibration["settings"],
         "calibration": calibration,
+        "locality_order": order_info,
         "seconds": {"train": round(train_seconds, 2), "add": round(add_seconds, 2),
                     "calibrate": round(time.perf_counter() - t0, 2),
                     "total": round(time.perf_counter() - began, 2)},

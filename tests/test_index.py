@@ -131,6 +131,27 @@ def test_calibration_reaches_target_on_clustered_vectors():
         assert _recall(found, truth) >= 0.85, kind  # held-out queries: close to the calibrated recall
 
 
+def test_hnsw_locality_order_keeps_row_positions_as_labels():
+    from embedkit.index import _search_params, locality_order  # noqa: PLC0415
+
+    x = clustered(4000)
+    order, facts = locality_order(x, "ip")
+    assert sorted(order.tolist()) == list(range(4000)) and facts["clusters"] == 63  # round(sqrt(4000))
+    # rows of one of the 40 true clusters end up close together: far fewer cluster changes along the order
+    true_cluster = np.argmax(x @ np.random.default_rng(0).standard_normal((40, 32)).astype(np.float32).T, axis=1)
+    assert (np.diff(true_cluster[order]) != 0).sum() < 0.5 * (np.diff(true_cluster) != 0).sum()
+    ordered, info = build_faiss(x, BuildOptions(index_type="hnsw"), "ip")
+    plain, plain_info = build_faiss(x, BuildOptions(index_type="hnsw", locality_order=False), "ip")
+    assert isinstance(ordered, faiss.IndexIDMap) and info["locality_order"]["clusters"] == 63
+    assert isinstance(plain, faiss.IndexHNSW) and plain_info["locality_order"] is None
+    params = _search_params(ordered, {"efSearch": 256})
+    _, found = ordered.search(x[:500], 1, params=params)
+    assert (found[:, 0] == np.arange(500)).all()  # each row finds itself, by its own position
+    _, truth = exact_knn(x, x[:50], 10, "ip")
+    _, found = ordered.search(x[:50], 10, params=params)
+    assert (found == truth).mean() > 0.95
+
+
 def test_auto_type_and_factory_strings():
     assert choose_type(5_000, 256) == "flat"
     assert choose_type(1_000_000, 256, memory=16 << 30) == "hnsw"

@@ -86,6 +86,8 @@ def index_build(
     nlist: Annotated[int, typer.Option(help="IVF lists (default ~sqrt(n)).")] = None,
     hnsw_m: Annotated[int, typer.Option(help="HNSW links per node.")] = 32,
     ef_construction: Annotated[int, typer.Option(help="HNSW build depth.")] = 80,
+    locality_order: Annotated[bool, typer.Option("--locality-order/--no-locality-order", help="HNSW: add rows "
+                                                 "grouped by k-means cluster (faster build and search).")] = True,
     pq_m: Annotated[int, typer.Option(help="PQ sub-quantizers (must divide the dimension; default d/4).")] = None,
     train_size: Annotated[int, typer.Option(help="IVF training sample rows.")] = None,
     texts: Annotated[bool, typer.Option("--texts/--no-texts", help="Store the corpus texts for search "
@@ -100,7 +102,8 @@ def index_build(
         from embedkit.index import BuildOptions, build_index  # noqa: PLC0415
 
         options = BuildOptions(index_type=index_type, metric=metric, hnsw_m=hnsw_m, ef_construction=ef_construction,
-                               nlist=nlist, pq_m=pq_m, train_size=train_size, target_recall=target_recall)
+                               locality_order=locality_order, nlist=nlist, pq_m=pq_m, train_size=train_size,
+                               target_recall=target_recall)
         typer.echo(build_index(vectors_dir, output, options, texts=texts, verify=verify).summary())
 
     base.run_cli(body)

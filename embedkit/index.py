@@ -143,7 +143,7 @@ class BuildOptions:
     index_type: str = "auto"
     metric: str | None = None  # default: the vectors manifest's (ip for normalised vectors, else l2)
     hnsw_m: int = 32
-    ef_construction: int = 80
+    ef_construction: int = 160  # 1M clustered: 3.3x the build time of 80, recall at efSearch 48 0.88 -> 0.99
     locality_order: bool = True  # HNSW: add rows grouped by k-means cluster (faster build and search)
     nlist: int | None = None  # IVF lists; default ~sqrt(n)
     pq_m: int | None = None  # PQ sub-quantizers; default d/4 (a divisor of d)

@@ -85,7 +85,7 @@ def index_build(
     target_recall: Annotated[float, typer.Option(help="Recall@10 the search settings are tuned to reach.")] = 0.95,
     nlist: Annotated[int, typer.Option(help="IVF lists (default ~sqrt(n)).")] = None,
     hnsw_m: Annotated[int, typer.Option(help="HNSW links per node.")] = 32,
-    ef_construction: Annotated[int, typer.Option(help="HNSW build depth.")] = 80,
+    ef_construction: Annotated[int, typer.Option(help="HNSW build depth (lower: faster build, slower search).")] = 160,
     locality_order: Annotated[bool, typer.Option("--locality-order/--no-locality-order", help="HNSW: add rows "
                                                  "grouped by k-means cluster (faster build and search).")] = True,
     pq_m: Annotated[int, typer.Option(help="PQ sub-quantizers (must divide the dimension; default d/4).")] = None,

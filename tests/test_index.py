@@ -138,8 +138,8 @@ def test_hnsw_locality_order_keeps_row_positions_as_labels():
     order, facts = locality_order(x, "ip")
     assert sorted(order.tolist()) == list(range(4000)) and facts["clusters"] == 63  # round(sqrt(4000))
     # rows of one of the 40 true clusters end up close together: far fewer cluster changes along the order
-    true_cluster = np.argmax(x @ np.random.default_rng(0).standard_normal((40, 32)).astype(np.float32).T, axis=1)
-    assert (np.diff(true_cluster[order]) != 0).sum() < 0.5 * (np.diff(true_cluster) != 0).sum()
+    true_cluster = np.random.default_rng(1).integers(0, 40, 4000)  # clustered()'s own first draw
+    assert (np.diff(true_cluster[order]) != 0).sum() < 0.1 * (np.diff(true_cluster) != 0).sum()
     ordered, info = build_faiss(x, BuildOptions(index_type="hnsw"), "ip")
     plain, plain_info = build_faiss(x, BuildOptions(index_type="hnsw", locality_order=False), "ip")
     assert isinstance(ordered, faiss.IndexIDMap) and info["locality_order"]["clusters"] == 63

@@ -366,8 +366,10 @@ def build_faiss(vectors, options: BuildOptions | None = None, metric: str = "ip"
     if isinstance(index, faiss.IndexHNSW) and options.locality_order:
         order, order_info = locality_order(source, metric, options.seed)
         index = faiss.IndexIDMap(index)  # labels stay row positions
-        for positions in np.array_split(order, max(1, math.ceil(len(order) / 65536))):
-            index.add_with_ids(_take_in_order(source, positions), positions.astype(np.int64))
+        # One add call: storage follows the order, but faiss shuffles the insertion order within a call. Added
+        # a chunk at a time, clusters were inserted one after another and the graph was worse (1M clustered,
+        # efSearch 48: recall 0.961 vs 0.987). The price is one float32 copy of the vectors while adding.
+        index.add_with_ids(_take_in_order(source, order), order.astype(np.int64))
     else:
         for chunk in source.chunks():
             index.add(chunk)

@@ -211,6 +211,17 @@ def test_fingerprint_changes_with_weights(stories_path):
     assert a.fingerprint() != b.fingerprint()
 
 
+def test_layers_compile_with_the_cpp_wrapper(stories_path, monkeypatch):
+    from embedkit.compilation import compile_decoder_layers  # noqa: PLC0415
+
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: calls.append(k))
+    embedder = Embedder.from_pretrained(stories_path, dtype="float32")
+    assert compile_decoder_layers(embedder.backbone) == embedder.backbone.config.num_hidden_layers
+    # inductor's C++ wrapper releases the GIL, so encode's worker threads overlap (bench/README.md)
+    assert calls == [{"dynamic": True, "options": {"cpp_wrapper": True}}] * embedder.backbone.config.num_hidden_layers
+
+
 def test_compiled_layers_give_the_same_vectors_and_weights(stories_path):
     from embedkit.compilation import is_compiled  # noqa: PLC0415
 

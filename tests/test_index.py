@@ -145,6 +145,7 @@ def test_hnsw_locality_order_keeps_row_positions_as_labels():
     ordered, info = build_faiss(x, BuildOptions(index_type="hnsw"), "ip")
     plain, plain_info = build_faiss(x, BuildOptions(index_type="hnsw", locality_order=False), "ip")
     assert isinstance(ordered, faiss.IndexIDMap) and info["locality_order"]["clusters"] == 63
+    assert faiss.downcast_index(ordered.index).hnsw.efConstruction == 160  # the default build depth
     assert isinstance(plain, faiss.IndexHNSW) and plain_info["locality_order"] is None
     params = _search_params(ordered, {"efSearch": 256})
     _, found = ordered.search(x[:500], 1, params=params)

@@ -2,8 +2,8 @@
 
 All systems encode the same first N unique STS-B test sentences with SmolLM2-135M, causal attention, mean pooling,
 the same dtype and max_length 128. Reports sentences/s, real tokens/s, ratios, and model FLOPs utilisation
-against a bf16 matmul of the model's own shapes measured in the same run. The machine is shared and noisy, so
-systems are run in rounds (round-robin) and the median per system is reported.
+against a bf16 matmul of the model's own shapes measured just before and after each timed run. The machine is
+shared and its speed drifts, so systems are run in rounds (round-robin) and the median per system is reported.
 
     .venv/bin/python bench/bench_encode.py                    # all systems (llm2vec if its venv exists)
     .venv/bin/python bench/bench_encode.py --no-llm2vec --rounds 1
@@ -144,32 +144,32 @@ def main() -> None:
         systems["embedkit, compiled layers"] = lambda: run_embedkit(compiled, texts)
     run_embedkit(embedder, texts[:64])  # warm-up (allocator, kernels)
     run_sentence_transformers(st, texts[:64], args.batch_size)
-    times: dict[str, list[float]] = {name: [] for name in systems}
+    # The host's speed drifts within minutes, so every timed run is bracketed by two peak measurements and its
+    # MFU is taken against their mean: a run and its peak see the same machine.
+    dtype = getattr(torch, args.dtype)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in systems}  # (seconds, peak GFLOP/s)
     vectors: dict[str, np.ndarray] = {}
-    peaks = []
-    llm2vec_runs = []
     for _ in range(args.rounds):
-        peaks.append(matmul_peak(config, getattr(torch, args.dtype)))
         for name, func in systems.items():
+            before = matmul_peak(config, dtype)
             seconds, vectors[name] = timed(func)
-            times[name].append(seconds)
+            runs[name].append((seconds, (before + matmul_peak(config, dtype)) / 2))
         if not args.no_llm2vec:
+            before = matmul_peak(config, dtype)
             result = run_llm2vec(args.n, args.batch_size, args.dtype)
             if result:
-                llm2vec_runs.append(result)
-    peak = statistics.median(peaks)
+                runs.setdefault("llm2vec 0.2.3", []).append(
+                    (result["seconds"], (before + matmul_peak(config, dtype)) / 2))
     per_token = flops_per_token(config, real_tokens / len(texts))
+    peak = statistics.median(p for pairs in runs.values() for _, p in pairs)
     rows = {}
-    for name, secs in times.items():
-        seconds = statistics.median(secs)
+    for name, pairs in runs.items():
+        seconds = statistics.median(s for s, _ in pairs)
         rows[name] = {"seconds": seconds, "sentences_per_s": len(texts) / seconds,
                       "tokens_per_s": real_tokens / seconds,
-                      "mfu": real_tokens * per_token / seconds / 1e9 / peak}
-    if llm2vec_runs:
-        seconds = statistics.median(r["seconds"] for r in llm2vec_runs)
-        rows["llm2vec 0.2.3"] = {"seconds": seconds, "sentences_per_s": len(texts) / seconds,
-                                 "tokens_per_s": real_tokens / seconds,
-                                 "mfu": real_tokens * per_token / seconds / 1e9 / peak}
+                      "mfu": statistics.median(real_tokens * per_token / s / 1e9 / p for s, p in pairs),
+                      "mfu_vs_median_peak": real_tokens * per_token / seconds / 1e9 / peak,
+                      "runs": [{"seconds": round(s, 3), "peak_gflops": round(p)} for s, p in pairs]}
     fastest_peer = max(v["sentences_per_s"] for k, v in rows.items() if not k.startswith("embedkit"))
     ref = vectors["sentence-transformers"]
     got = vectors["embedkit"]
@@ -178,7 +178,7 @@ def main() -> None:
         "model": args.model, "n": len(texts), "avg_tokens": real_tokens / len(texts), "dtype": args.dtype,
         "batch_size_peers": args.batch_size,
         "embedkit_workers": embedder.default_workers(), "rounds": args.rounds, "threads": torch.get_num_threads(),
-        "bf16_matmul_gflops": peak, "flops_per_token": per_token, "systems": rows,
+        "bf16_matmul_gflops_median": peak, "flops_per_token": per_token, "systems": rows,
         "embedkit_vs_fastest_peer": rows["embedkit"]["sentences_per_s"] / fastest_peer,
         "embedkit_vs_sentence_transformers_min_cosine": float(cosine.min()),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -189,11 +189,11 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=2))
     print(f"{len(texts)} sentences, {report['avg_tokens']:.1f} tokens each, {args.dtype}, "
           f"matmul peak {peak:.0f} GFLOP/s")
-    print(f"{'system':<26}{'sent/s':>9}{'tok/s':>9}{'MFU':>7}{'ratio':>8}")
+    print(f"{'system':<26}{'sent/s':>9}{'tok/s':>9}{'MFU':>7}{'(median peak)':>14}{'ratio':>8}")
     base = rows["embedkit"]["sentences_per_s"]
     for name, row in rows.items():
         print(f"{name:<26}{row['sentences_per_s']:>9.1f}{row['tokens_per_s']:>9.0f}{100 * row['mfu']:>6.1f}%"
-              f"{base / row['sentences_per_s']:>7.2f}x")
+              f"{100 * row['mfu_vs_median_peak']:>13.1f}%{base / row['sentences_per_s']:>7.2f}x")
     print(f"embedkit vs fastest peer: {report['embedkit_vs_fastest_peer']:.2f}x; min cosine vs "
           f"sentence-transformers {cosine.min():.5f}; written to {out}")
 

@@ -30,9 +30,8 @@ from embedkit.batching import (
     DEFAULT_MAX_TOKENS,
     Tokenized,
     collate,
-    plan_batches,
+    plan_for_workers,
     run_batches,
-    split_for_workers,
     tokenize,
 )
 from embedkit.io import atomic_write_dir
@@ -243,8 +242,8 @@ class Embedder(nn.Module):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}.")
         lengths = [len(s) for s in tokenized.ids]
-        plan = plan_batches(lengths, max_tokens=split_for_workers(lengths, max_tokens, workers),
-                            max_batch=batch_size or DEFAULT_MAX_BATCH)
+        plan = plan_for_workers(lengths, max_tokens=max_tokens, max_batch=batch_size or DEFAULT_MAX_BATCH,
+                                workers=workers)
         if show_progress_bar is None:
             show_progress_bar = len(tokenized) >= PROGRESS_BAR_MIN_TEXTS
         was_training = self.training

@@ -12,7 +12,7 @@ from sentence_transformers import SentenceTransformer
 
 from embedkit import Embedder, EmbedderConfig
 from embedkit.backbone import ModelNotFoundError, fast_dtype, resolve_dtype, resolve_spec
-from embedkit.batching import collate, plan_batches, run_batches, split_for_workers
+from embedkit.batching import collate, plan_batches, plan_for_workers, run_batches, split_for_workers
 
 TEXTS = ["Once upon a time there was a little girl.", "The dog ran to the park.", "Lily liked to play.",
          "One day, a big bird flew over the house and sang a song for everyone to hear."]
@@ -155,6 +155,23 @@ def test_batch_plan_respects_budget_and_covers_all():
     for batch in plan:
         assert len(batch) <= 3
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 128
+    assert plan_for_workers(lengths, max_tokens=128, max_batch=3, workers=1) == plan
+
+
+def test_worker_plan_gives_each_worker_equally_full_batches():
+    lengths = [10] * 90  # a share of 112 tokens cuts 8 full batches and a part-filled ninth
+    assert [len(b) for b in plan_batches(lengths, max_tokens=split_for_workers(lengths, 2048, 2))] == [11] * 8 + [2]
+    plan = plan_for_workers(lengths, max_tokens=2048, workers=2)
+    assert [len(b) for b in plan] == [9] * 10  # 5 batches per worker, all the same size
+    assert sorted(i for batch in plan for i in batch) == list(range(90))
+    mixed = [3 + (i * 7) % 40 for i in range(500)]
+    for workers in (2, 3):
+        plan = plan_for_workers(mixed, max_tokens=2048, max_batch=64, workers=workers)
+        assert len(plan) % workers == 0 and sorted(i for b in plan for i in b) == list(range(500))
+        assert all(len(b) <= 64 for b in plan)
+
+
+def test_collate_pads_and_masks_the_instruction():
     ids, mask, pool = collate([[1, 2, 3], [4]], [1, 0], pad_id=0, padding_side="left")
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
     assert pool.tolist() == [[0, 1, 1], [0, 0, 1]]

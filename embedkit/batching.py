@@ -144,7 +144,7 @@ def plan_for_workers(
     Workers take batches from one queue, so the encode ends when the fullest worker does. Budget-cut batches
     leave a part-filled last one: 8 full batches and a 60% one keep one of 2 workers busy 7% longer than the
     other. Here the budget shrinks to the smallest one that still cuts a multiple of ``workers`` batches,
-    which spreads that remainder over all of them.
+    which spreads that remainder over all of them (batches capped by ``max_batch`` texts stay smaller).
     """
     if workers <= 1 or not lengths:
         return plan_batches(lengths, max_tokens=max_tokens, max_batch=max_batch)

@@ -109,7 +109,15 @@ def plan_batches(
     lengths: Sequence[int], *, max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = DEFAULT_MAX_BATCH
 ) -> list[list[int]]:
     """Group indices, longest first, so that each padded batch holds at most ``max_tokens`` tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return _cut(_longest_first(lengths), lengths, max_tokens, max_batch)
+
+
+def _longest_first(lengths: Sequence[int]) -> list[int]:
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def _cut(order: Sequence[int], lengths: Sequence[int], max_tokens: int, max_batch: int) -> list[list[int]]:
+    """Cut indices (longest first) into batches of at most ``max_tokens`` padded tokens and ``max_batch`` texts."""
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
@@ -121,18 +129,6 @@ def plan_batches(
     if current:
         batches.append(current)
     return batches
-
-
-def _count_batches(descending: Sequence[int], max_tokens: int, max_batch: int) -> int:
-    """How many batches ``plan_batches`` cuts from lengths already sorted longest first."""
-    count, size, width = 0, 0, 0
-    for length in descending:
-        if size and ((size + 1) * width > max_tokens or size >= max_batch):
-            size = 0
-        if size == 0:
-            count, width = count + 1, length
-        size += 1
-    return count
 
 
 def plan_for_workers(
@@ -148,18 +144,19 @@ def plan_for_workers(
     """
     if workers <= 1 or not lengths:
         return plan_batches(lengths, max_tokens=max_tokens, max_batch=max_batch)
-    descending = sorted(lengths, reverse=True)
-    budget = split_for_workers(lengths, max_tokens, workers)
-    count = _count_batches(descending, budget, max_batch)
-    target = -(-count // workers) * workers
-    low, high = descending[0], budget  # the count is non-increasing in the budget, and fits at ``high``
+    order = _longest_first(lengths)
+    high = split_for_workers(lengths, max_tokens, workers)
+    plan = _cut(order, lengths, high, max_batch)
+    target = -(-len(plan) // workers) * workers
+    low = lengths[order[0]]  # the batch count is non-increasing in the budget, and fits at ``high``
     while low < high:
         middle = (low + high) // 2
-        if _count_batches(descending, middle, max_batch) <= target:
-            high = middle
+        trial = _cut(order, lengths, middle, max_batch)
+        if len(trial) <= target:
+            high, plan = middle, trial
         else:
             low = middle + 1
-    return plan_batches(lengths, max_tokens=high, max_batch=max_batch)
+    return plan
 
 
 def collate(

@@ -68,6 +68,11 @@ class _Source:
         else:
             self.count, self.dimension = self.vset.count, self.vset.dimension
 
+    @classmethod
+    def of(cls, vectors) -> _Source:
+        """``vectors`` as a source; a source passes through (callers share one without re-reading it)."""
+        return vectors if isinstance(vectors, cls) else cls(vectors)
+
     def chunks(self, rows: int = 65536) -> Iterator[np.ndarray]:
         if self.vset is None:
             for start in range(0, self.count, rows):
@@ -103,7 +108,7 @@ def exact_knn(source, queries: np.ndarray, k: int, metric: str) -> tuple[np.ndar
     """Exact top-k over all rows, a chunk at a time (flat memory); returns (scores, positions)."""
     import faiss  # noqa: PLC0415
 
-    source = source if isinstance(source, _Source) else _Source(source)
+    source = _Source.of(source)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     heap = faiss.ResultHeap(len(queries), k, keep_max=metric == "ip")
     start = 0
@@ -239,7 +244,7 @@ def calibration_probes(source, metric: str, seed: int = 0, probes: int = PROBES)
     neighbours), so recall measured that way is far too optimistic. Each probe is a corpus row moved by random
     noise as long as the distance to its nearest other row, i.e. a new point at the corpus's own spacing.
     """
-    source = source if isinstance(source, _Source) else _Source(source)
+    source = _Source.of(source)
     rng = np.random.default_rng(seed + 1)
     own = np.sort(rng.choice(source.count, size=min(probes, source.count), replace=False))
     rows = source.take(own)
@@ -264,7 +269,7 @@ def calibrate(index, source, metric: str, target: float, seed: int = 0, probes: 
     """Cheapest search settings whose recall@10 against exact search reaches ``target`` on corpus probes:
     efSearch (HNSW), nprobe (IVF), and for IVF-PQ the re-ranking depth k_factor at each nprobe."""
     names = _param_names(index)
-    source = source if isinstance(source, _Source) else _Source(source)
+    source = _Source.of(source)
     queries, truth = calibration_probes(source, metric, seed, probes)
     k = truth.shape[1]
     if k < 1:
@@ -316,7 +321,7 @@ def locality_order(source, metric: str, seed: int = 0) -> tuple[np.ndarray, dict
     """
     import faiss  # noqa: PLC0415
 
-    source = source if isinstance(source, _Source) else _Source(source)
+    source = _Source.of(source)
     began = time.perf_counter()
     clusters = default_clusters(source.count)
     rng = np.random.default_rng(seed)

@@ -34,18 +34,10 @@ def _fail(message: str) -> None:
 
 def open_embedder(model: str, attention: str | None = None, pooling: str | None = None, dtype: str = "auto",
                   max_length: int | None = None, **kwargs):
-    """A saved embedder folder loads as saved; any other spec is wrapped with the given settings."""
-    from pathlib import Path  # noqa: PLC0415
+    """Open any model spec or saved folder with ``embedkit.embedder.open_model``'s one override policy."""
+    from embedkit.embedder import open_model  # noqa: PLC0415
 
-    from embedkit.embedder import CONFIG_FILE, Embedder  # noqa: PLC0415
-
-    if (Path(model) / CONFIG_FILE).is_file():
-        embedder = Embedder.load(model, dtype=None if dtype == "auto" else dtype)
-        if attention and attention != embedder.config.attention:
-            embedder.set_attention(attention)
-        return embedder
-    return Embedder.from_pretrained(model, attention=attention or "causal", pooling=pooling or "mean",
-                                    dtype=dtype, max_length=max_length or 512, **kwargs)
+    return open_model(model, attention=attention, pooling=pooling, dtype=dtype, max_length=max_length, **kwargs)
 
 
 def run_cli(func, *args, **kwargs):

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from embedkit import attention as attn
-from embedkit.backbone import load_backbone, load_tokenizer
+from embedkit.backbone import load_backbone, load_tokenizer, resolve_dtype
 from embedkit.batching import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_TOKENS,
@@ -379,6 +379,58 @@ class Embedder(nn.Module):
 
         apply_methods(embedder)
         return embedder
+
+
+# Config fields that only change how texts are prepared or vectors finished: safe to override on a saved model.
+RUNTIME_FIELDS = ("max_length", "normalize", "query_instruction", "document_instruction", "template")
+
+
+def open_model(
+    spec: str | os.PathLike,
+    *,
+    attention: str | None = None,
+    pooling: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    **overrides,
+) -> Embedder:
+    """The one way to open a model: a saved embedder folder, or any backbone spec wrapped as an embedder.
+
+    One override policy: a setting given (not None) either applies or is refused with a one-line error, never
+    silently dropped. On a saved folder, ``attention`` switches the mode (verified by the probe), the runtime
+    fields (``max_length``, ``normalize``, instructions, ``template``) replace the saved ones, and ``pooling``
+    or ``latent_attention`` must equal what was saved: the weights were trained with them.
+    """
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    allowed = set(RUNTIME_FIELDS) | {"latent_attention"}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise TypeError(f"open_model() got unknown settings {unknown}; valid: attention, pooling, dtype, "
+                        f"{', '.join(sorted(allowed))}.")
+    if dtype is not None and not isinstance(dtype, torch.dtype) and dtype != "auto":
+        resolve_dtype(dtype)  # a bad name fails before any loading
+    folder = Path(spec)
+    if not (folder / CONFIG_FILE).is_file():
+        return Embedder.from_pretrained(
+            spec, attention=attention or "causal", pooling=pooling or "mean", dtype=dtype or "auto", device=device,
+            trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, **overrides,
+        )
+    saved = EmbedderConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+    if pooling is not None and pooling != saved.pooling:
+        raise ValueError(f"{spec} is a saved embedder with pooling={saved.pooling!r}; pooling={pooling!r} does "
+                         "not apply to it (drop the pooling setting, or open its backbone spec instead).")
+    if "latent_attention" in overrides and overrides.pop("latent_attention") != saved.latent_attention:
+        raise ValueError(f"{spec} is a saved embedder with a trained latent-attention pooler; its settings "
+                         "cannot be overridden.")
+    embedder = Embedder.load(folder, device=device, dtype=None if dtype == "auto" else dtype,
+                             attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    if attention is not None and attention != embedder.config.attention:
+        embedder.set_attention(attention)
+    if overrides:
+        embedder.config = EmbedderConfig.from_dict({**embedder.config.to_dict(), **overrides})
+    return embedder
 
 
 def merged_copy(model: nn.Module) -> nn.Module:

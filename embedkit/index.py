@@ -583,28 +583,22 @@ class Hit:
 
 def load_manifest_embedder(manifest: dict, dtype: str | None = None):
     """The embedder that encoded a vectors folder, rebuilt from its manifest (spec + config)."""
-    from embedkit.embedder import CONFIG_FILE, Embedder  # noqa: PLC0415
+    from embedkit.embedder import open_model  # noqa: PLC0415
 
-    model = manifest["model"]
-    spec, cfg = model["spec"], dict(model["config"])
-    dtype = dtype or cfg["dtype"]
-    if (Path(spec) / CONFIG_FILE).is_file():
-        embedder = Embedder.load(spec, dtype=None if dtype == "auto" else dtype)
-        if embedder.config.attention != cfg["attention"]:
-            embedder.set_attention(cfg["attention"])
-    else:
-        embedder = Embedder.from_pretrained(
-            spec, attention=cfg["attention"], pooling=cfg["pooling"], dtype=dtype, max_length=cfg["max_length"],
-            normalize=cfg["normalize"], query_instruction=cfg["query_instruction"],
-            document_instruction=cfg["document_instruction"], template=cfg["template"],
-            latent_attention={k: v for k, v in (cfg.get("latent_attention") or {}).items() if k != "hidden_size"}
-            or None,
-        )
-        if cfg.get("methods"):
-            from embedkit.methods import apply_methods  # noqa: PLC0415
+    spec, cfg = manifest["model"]["spec"], dict(manifest["model"]["config"])
+    la = {k: v for k, v in (cfg.get("latent_attention") or {}).items() if k != "hidden_size"} or None
+    saved = (Path(spec) / "embedkit.json").is_file()
+    embedder = open_model(
+        spec, attention=cfg["attention"], pooling=cfg["pooling"], dtype=dtype or cfg["dtype"],
+        max_length=cfg["max_length"], normalize=cfg["normalize"], query_instruction=cfg["query_instruction"],
+        document_instruction=cfg["document_instruction"], template=cfg["template"],
+        latent_attention=None if saved else la,
+    )
+    if cfg.get("methods") and not saved:
+        from embedkit.methods import apply_methods  # noqa: PLC0415
 
-            embedder.config.methods = dict(cfg["methods"])
-            apply_methods(embedder)
+        embedder.config.methods = dict(cfg["methods"])
+        apply_methods(embedder)
     embedder.config.backbone = cfg["backbone"]  # the label it was encoded under (part of the fingerprint)
     return embedder
 

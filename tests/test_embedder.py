@@ -256,3 +256,22 @@ def test_compiled_layers_give_the_same_vectors_and_weights(stories_path):
     embedder.forward_hook = lambda e, ids, mask: e.backbone(input_ids=ids, attention_mask=mask)[0]
     with pytest.raises(ValueError, match="does not apply under a forward hook"):
         embedder.compile_layers()
+
+
+def test_open_model_applies_or_refuses_every_override(stories_path, tmp_path):
+    from embedkit.embedder import open_model
+
+    saved = tmp_path / "saved"
+    Embedder.from_pretrained(stories_path, dtype="float32", pooling="mean", max_length=64).save(saved)
+    opened = open_model(saved, attention="bidirectional", max_length=32, template="Q: {text}", normalize=False)
+    assert (opened.config.attention, opened.config.max_length) == ("bidirectional", 32)
+    assert (opened.config.template, opened.config.normalize) == ("Q: {text}", False)
+    assert open_model(saved).config.max_length == 64  # nothing given: as saved
+    with pytest.raises(ValueError, match="pooling='mean'; pooling='last' does not apply"):
+        open_model(saved, pooling="last")
+    with pytest.raises(TypeError, match=r"unknown settings \['max_tokens'\]"):
+        open_model(saved, max_tokens=8)
+    with pytest.raises(ValueError, match="Unknown dtype 'fp8'"):
+        open_model(saved, dtype="fp8")
+    fresh = open_model(stories_path, pooling="last", max_length=16, dtype="float32")
+    assert (fresh.config.pooling, fresh.config.max_length, fresh.config.attention) == ("last", 16, "causal")

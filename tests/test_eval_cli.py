@@ -142,7 +142,7 @@ def test_saved_embedder_runs_as_saved(tmp_path):
     saved = Embedder.from_pretrained(STORIES, pooling="mean", dtype="float32").save(tmp_path / "my-embedder")
     make_sts(tmp_path / "data")
     _one_line_error(_eval(str(saved), "--task-dir", str(tmp_path / "data"), "--pooling", "last"),
-                    "saved embedder with pooling='mean'; --pooling last does not apply")
+                    "saved embedder with pooling='mean'; pooling='last' does not apply")
     result = _eval(str(saved), "--task-dir", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
                    "--max-length", "64")
     assert result.exit_code == 0, result.output

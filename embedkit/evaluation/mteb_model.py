@@ -228,20 +228,10 @@ def load_model(spec: str, *, attention: str | None = None, pooling: str | None =
             model.max_seq_length = max_length
         name = "all-MiniLM-L6-v2" if spec.lower() in MINILM_ALIASES else path.resolve().name
         return from_sentence_transformer(model, label or name, spec)
-    from embedkit.cli import open_embedder  # noqa: PLC0415
+    from embedkit.embedder import open_model  # noqa: PLC0415
 
-    if (path / CONFIG_FILE).is_file() and pooling is not None:
-        saved = json.loads((path / CONFIG_FILE).read_text()).get("pooling")
-        if pooling != saved:
-            raise ValueError(f"{spec} is a saved embedder with pooling={saved!r}; --pooling {pooling} does not "
-                             "apply to it (drop --pooling, or evaluate its backbone spec instead).")
-    kwargs = {"template": template} if template else {}
-    embedder = open_embedder(spec, attention, pooling, dtype, max_length, **kwargs)
-    if (path / CONFIG_FILE).is_file():  # a saved embedder loads as saved; explicit overrides still apply
-        if template:
-            embedder.config.template = template
-        if max_length:
-            embedder.config.max_length = max_length
+    embedder = open_model(spec, attention=attention, pooling=pooling, dtype=dtype, max_length=max_length,
+                          template=template)
     return from_embedder(embedder, label=label or default_label(spec, embedder), spec=spec)
 
 

@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader (or a rerun after kill -9) sees the old file or the whole new one, never half.
+"""Safe file I/O. Atomic writes: a reader (or a rerun after kill -9) sees the old file or the whole new one, never half.
 
 Every write goes to a temporary name in the same folder, is flushed and fsynced, then ``os.replace``d over the
 target (atomic on POSIX), and the folder is fsynced so the rename survives a power cut.
@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -145,3 +146,41 @@ def replace_dir(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+
+
+# -- input safety: file names built from data, and text files that must be UTF-8 ---------------------------------
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}")
+
+
+def safe_name(name: object, what: str) -> str:
+    """``name`` if it is a plain file name (letters, digits, ``._+=-``, at most 128 characters), else a ValueError.
+
+    Names that come from data (task names, stage names, ids) become file names; a separator, ``..`` or an
+    absolute path would let the data write outside its output folder.
+    """
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"{what} {name!r} is not a safe file name: use letters, digits and . _ + = - only "
+                         "(no path separators, no '..', at most 128 characters).")
+    return name
+
+
+def child_path(root: str | os.PathLike, name: str, what: str) -> Path:
+    """``root / name`` for a data-given ``name`` that was checked with ``safe_name`` and stays under ``root``."""
+    root = Path(root)
+    path = root / safe_name(name, what)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{what} {name!r} would write outside {root}.")
+    return path
+
+
+def iter_text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """``(line number from 1, line without its newline)`` of a UTF-8 text file; bad bytes name the file and line."""
+    path = Path(path)
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                                 f"{err.start + 1}); re-save the file as UTF-8.") from None
+            yield number, line.rstrip("\r\n")

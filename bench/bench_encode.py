@@ -2,8 +2,10 @@
 
 All systems encode the same first N unique STS-B test sentences with SmolLM2-135M, causal attention, mean pooling,
 the same dtype and max_length 128. Reports sentences/s, real tokens/s, ratios, and model FLOPs utilisation
-against a bf16 matmul of the model's own shapes measured just before and after each timed run. The machine is
-shared and its speed drifts, so systems are run in rounds (round-robin) and the median per system is reported.
+against a matmul of the model's own shapes in the run's dtype, measured just before and after each timed run.
+Every system's vectors are checked against an unpadded reference (plain transformers, one text at a time).
+``--dtype auto`` (default) is bfloat16 where the CPU runs it natively, else float32; the report names the CPU.
+The machine is shared and its speed drifts, so systems are run in rounds (round-robin) and the median per system is reported.
 
     .venv/bin/python bench/bench_encode.py                    # all systems (llm2vec if its venv exists)
     .venv/bin/python bench/bench_encode.py --no-llm2vec --rounds 1
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,10 +29,13 @@ import numpy as np
 import torch
 
 from embedkit import Embedder
+from embedkit.backbone import resolve_dtype
 from embedkit.datasets import find_data_dir, read_sts
+from embedkit.hardware import describe_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 LLM2VEC_PY = Path(os.environ.get("LLM2VEC_VENV", "/work/llm2vec-venv")) / "bin" / "python"
+REFERENCE_TEXTS = 200  # texts checked against the unpadded reference
 LLM2VEC_MODEL = Path(os.environ.get("LLM2VEC_MODEL_DIR", "/work/cache/smollm2-135m-hf44"))
 
 
@@ -100,6 +104,10 @@ def run_llm2vec(n: int, batch_size: int, dtype: str) -> dict | None:
         return json.loads(out.read_text())
 
 
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
 def timed(func, *args) -> tuple[float, object]:
     start = time.perf_counter()
     result = func(*args)
@@ -111,7 +119,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-llm2vec", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd embedkit run")
@@ -120,6 +128,7 @@ def main() -> None:
 
     from sentence_transformers import SentenceTransformer  # noqa: PLC0415
 
+    args.dtype = str(resolve_dtype(args.dtype)).removeprefix("torch.")
     texts = sentences(args.n)
     embedder = Embedder.from_pretrained(args.model, dtype=args.dtype, max_length=128)
     tokenizer = embedder.tokenizer
@@ -174,14 +183,18 @@ def main() -> None:
     ref = vectors["sentence-transformers"]
     got = vectors["embedkit"]
     cosine = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    unpadded = run_plain(embedder.backbone, tokenizer, texts[:REFERENCE_TEXTS], 1)  # batch 1: no padding at all
+    for name, row in rows.items():
+        if name in vectors:
+            row["min_cosine_vs_unpadded"] = min_cosine(vectors[name][:REFERENCE_TEXTS], unpadded)
     report = {
         "model": args.model, "n": len(texts), "avg_tokens": real_tokens / len(texts), "dtype": args.dtype,
         "batch_size_peers": args.batch_size,
         "embedkit_workers": embedder.default_workers(), "rounds": args.rounds, "threads": torch.get_num_threads(),
-        "bf16_matmul_gflops_median": peak, "flops_per_token": per_token, "systems": rows,
+        "matmul_gflops_median": peak, "flops_per_token": per_token, "systems": rows,
         "embedkit_vs_fastest_peer": rows["embedkit"]["sentences_per_s"] / fastest_peer,
         "embedkit_vs_sentence_transformers_min_cosine": float(cosine.min()),
-        "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "machine": describe_cpu(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     out = Path(args.out)
@@ -189,11 +202,13 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=2))
     print(f"{len(texts)} sentences, {report['avg_tokens']:.1f} tokens each, {args.dtype}, "
           f"matmul peak {peak:.0f} GFLOP/s")
-    print(f"{'system':<26}{'sent/s':>9}{'tok/s':>9}{'MFU':>7}{'(median peak)':>14}{'ratio':>8}")
+    print(f"CPU: {report['machine']['cpu']} ({report['machine']['isa']}), {torch.get_num_threads()} threads")
+    print(f"{'system':<26}{'sent/s':>9}{'tok/s':>9}{'MFU':>7}{'(median peak)':>14}{'ratio':>8}{'cos/unpadded':>13}")
     base = rows["embedkit"]["sentences_per_s"]
     for name, row in rows.items():
         print(f"{name:<26}{row['sentences_per_s']:>9.1f}{row['tokens_per_s']:>9.0f}{100 * row['mfu']:>6.1f}%"
-              f"{100 * row['mfu_vs_median_peak']:>13.1f}%{base / row['sentences_per_s']:>7.2f}x")
+              f"{100 * row['mfu_vs_median_peak']:>13.1f}%{base / row['sentences_per_s']:>7.2f}x"
+              f"{row.get('min_cosine_vs_unpadded', float('nan')):>13.5f}")
     print(f"embedkit vs fastest peer: {report['embedkit_vs_fastest_peer']:.2f}x; min cosine vs "
           f"sentence-transformers {cosine.min():.5f}; written to {out}")
 

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from embedkit.backbone import resolve_dtype
+from embedkit.hardware import describe_cpu
+
 
 def sentences(n: int) -> list[str]:
     from embedkit.datasets import find_data_dir
@@ -27,13 +30,13 @@ def sentences(n: int) -> list[str]:
 
 
 def bench_embedkit(model: str, texts: list[str], steps: int, batch: int, max_length: int, folder: Path,
-                   lora_dtype: str, lora_dropout: float, attn: str) -> dict:
+                   lora_dtype: str, lora_dropout: float, attn: str, dtype: str) -> dict:
     from embedkit.train import run_recipe
 
     data = folder / "texts.txt"
     data.write_text("\n".join(texts) + "\n")
     recipe = {
-        "model": {"base": model, "dtype": "bfloat16", "attention": "causal", "pooling": "mean",
+        "model": {"base": model, "dtype": dtype, "attention": "causal", "pooling": "mean",
                   "max_length": max_length, "attn_implementation": attn},
         "lora": {"r": 16, "alpha": 32, "dropout": lora_dropout, "dtype": lora_dtype},
         "output_dir": str(folder / "embedkit-run"),
@@ -51,7 +54,7 @@ def bench_embedkit(model: str, texts: list[str], steps: int, batch: int, max_len
 
 
 def bench_sentence_transformers(model: str, texts: list[str], steps: int, batch: int, max_length: int,
-                                folder: Path, lora_dropout: float) -> dict:
+                                folder: Path, lora_dropout: float, dtype: str) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from sentence_transformers import (
@@ -66,7 +69,7 @@ def bench_sentence_transformers(model: str, texts: list[str], steps: int, batch:
 
     resolved = resolve_spec(model)
     path = str(convert_gguf(resolved)) if resolved.gguf_file else resolved.path
-    st = SentenceTransformer(path, device="cpu", model_kwargs={"dtype": torch.bfloat16})
+    st = SentenceTransformer(path, device="cpu", model_kwargs={"dtype": getattr(torch, dtype)})
     st.max_seq_length = max_length
     if st.tokenizer.pad_token is None:
         st.tokenizer.pad_token = st.tokenizer.eos_token
@@ -104,6 +107,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU runs it natively), float32, bfloat16")
     parser.add_argument("--lora-dtype", choices=["float32", "mixed", "model"], default="mixed",
                         help="embedkit's adapter dtype (sentence-transformers' add_adapter keeps the model's)")
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout, both systems")
@@ -111,16 +115,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.dtype = str(resolve_dtype(args.dtype)).removeprefix("torch.")
     texts = sentences(args.batch * (args.steps + 1))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         results.append(bench_embedkit(args.model, texts, args.steps, args.batch, args.max_length, Path(tmp),
-                                      args.lora_dtype, args.lora_dropout, args.attn))
+                                      args.lora_dtype, args.lora_dropout, args.attn, args.dtype))
         results.append(bench_sentence_transformers(args.model, texts, args.steps, args.batch, args.max_length,
-                                                   Path(tmp), args.lora_dropout))
+                                                   Path(tmp), args.lora_dropout, args.dtype))
     ratio = results[0]["tokens_per_s"] / results[1]["tokens_per_s"]
     record = {"model": args.model, "batch": args.batch, "max_length": args.max_length,
               "lora_dropout": args.lora_dropout,
+              "dtype": args.dtype, "machine": describe_cpu(),
               "threads": torch.get_num_threads(), "results": results, "embedkit_over_st": round(ratio, 2),
               "time": time.strftime("%Y-%m-%d %H:%M")}
     for r in results:

@@ -84,6 +84,15 @@ def spearman_sts(l2v: LLM2Vec, pairs: list[tuple[str, str, float]], batch_size: 
     return float(spearmanr(cos, [s for _, _, s in pairs]).statistic) * 100
 
 
+def native_cpu_dtype() -> str:
+    """embedkit.hardware's rule, repeated here: this script runs in llm2vec's own venv, without embedkit."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "float32"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the speed benchmark (default) or the STS-B evaluation, print and write JSON."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -91,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="STS-B test.jsonl")
     p.add_argument("--n", type=int, default=1000, help="number of unique sentences to time")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                   help="auto: bfloat16 where the CPU runs it natively (AMX / AVX512-BF16), else float32")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--json", type=Path, help="write the result here")
     p.add_argument("--save-embeddings", type=Path, help="save the timed vectors (float32 .npy)")
@@ -101,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    if args.dtype == "auto":
+        args.dtype = native_cpu_dtype()
     pairs = read_pairs(args.data)
     l2v = load(args.model, args.dtype, args.max_length)
     result: dict[str, object] = {
@@ -110,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
     }
     if args.sts:
         t0 = time.perf_counter()

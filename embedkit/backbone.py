@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from embedkit.hardware import native_bf16_cpu, warn_if_slow_bfloat16
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,23 +117,22 @@ def fast_dtype(device: str | torch.device = "cpu") -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu":
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return torch.float32
-        return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
+        return torch.bfloat16 if native_bf16_cpu() else torch.float32
     return torch.float32
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
-    """Map "auto" / a name / a torch dtype to a torch dtype, with a clear error for unknown names."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
+    """Map "auto" / a name / a torch dtype to a torch dtype, with a clear error for unknown names.
+
+    An explicit bfloat16 on a CPU without native bf16 is honoured, with one warning (it is very slow there).
+    """
+    if isinstance(dtype, str) and dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}.")
     if dtype == "auto":
         return fast_dtype(device)
-    if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}.")
-    return DTYPES[dtype]
+    resolved = dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype]
+    warn_if_slow_bfloat16(resolved, torch.device(device))
+    return resolved
 
 
 def cache_dir() -> Path:

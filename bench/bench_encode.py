@@ -5,7 +5,8 @@ the same dtype and max_length 128. Reports sentences/s, real tokens/s, ratios, a
 against a matmul of the model's own shapes in the run's dtype, measured just before and after each timed run.
 Every system's vectors are checked against an unpadded reference (plain transformers, one text at a time).
 ``--dtype auto`` (default) is bfloat16 where the CPU runs it natively, else float32; the report names the CPU.
-The machine is shared and its speed drifts, so systems are run in rounds (round-robin) and the median per system is reported.
+The machine is shared and its speed drifts, so systems are run in rounds (round-robin) and the median per
+system is reported.
 
     .venv/bin/python bench/bench_encode.py                    # all systems (llm2vec if its venv exists)
     .venv/bin/python bench/bench_encode.py --no-llm2vec --rounds 1

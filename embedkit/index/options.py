@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from embedkit.index.registry import IntParam, all_params, type_names
+from embedkit.index.registry import AUTO, INDEX_TYPES, IntParam, type_names
 
 METRICS = ("ip", "l2")
 
 
 @dataclass
 class BuildOptions:
-    """Knobs of ``build_index``; ``None`` means chosen from the corpus size. Every numeric option a registered
-    type reads is checked here (whatever type is chosen), so a bad value fails before any work."""
+    """Knobs of ``build_index``; ``None`` means chosen from the corpus size. Every numeric option the type reads
+    (for ``auto``: any registered type) is checked here against its registry spec, so a bad value fails before
+    any work."""
 
     index_type: str = "auto"
     metric: str | None = None  # default: the vectors manifest's (ip for normalised vectors, else l2)
@@ -40,7 +41,8 @@ class BuildOptions:
             raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}.")
         if not isinstance(self.locality_order, bool):
             raise ValueError(f"locality_order must be true or false, got {self.locality_order!r}.")
-        for param in (IntParam("seed", 0), *all_params()):
+        kinds = INDEX_TYPES.values() if self.index_type == AUTO else [INDEX_TYPES[self.index_type]]
+        for param in (IntParam("seed", 0), *(p for kind in kinds for p in kind.params)):
             if not hasattr(self, param.name):
                 raise ValueError(f"An index type reads option {param.name!r}, which BuildOptions does not have.")
             param.check(getattr(self, param.name))

@@ -128,15 +128,6 @@ def get_index_type(name: str) -> IndexType:
         raise ValueError(f"Unknown index type {name!r}; known: {', '.join(INDEX_TYPES)}.") from None
 
 
-def all_params() -> list[IntParam]:
-    """Every build option some registered type reads (each name once)."""
-    seen: dict[str, IntParam] = {}
-    for entry in INDEX_TYPES.values():
-        for param in entry.params:
-            seen.setdefault(param.name, param)
-    return list(seen.values())
-
-
 def all_knobs() -> list[Knob]:
     """Every search setting some registered type takes (each name once)."""
     seen: dict[str, Knob] = {}

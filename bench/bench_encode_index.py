@@ -142,7 +142,7 @@ def measure_types(vectors: np.ndarray, queries: np.ndarray, types: list[str], me
     """Per index type: build seconds, calibrated settings, held-out recall@10 vs exact, queries/s (+ a sweep)."""
     import faiss  # noqa: PLC0415
 
-    from embedkit.index import BuildOptions, _param_names, _recall, _search_params, build_faiss  # noqa: PLC0415
+    from embedkit.index import BuildOptions, build_faiss, get_index_type, recall  # noqa: PLC0415
 
     out = {}
     truth = None
@@ -156,15 +156,16 @@ def measure_types(vectors: np.ndarray, queries: np.ndarray, types: list[str], me
             exact = index  # kept: re-timed beside each other type, so a load change can't skew the ratio
             continue
         assert truth is not None, "flat first: it gives the exact answers"
-        labels, qps = timed_search(index, queries, 10, _search_params(index, info["search"]))
+        kind_entry = get_index_type(info["type"])
+        labels, qps = timed_search(index, queries, 10, kind_entry.faiss_params(index, info["search"]))
         row = {"factory": info["factory"], "build_s": info["seconds"]["total"], "settings": info["search"],
                "probe_recall_at_10": info["calibration"]["recall_at_10"],
-               "recall_at_10": round(_recall(labels, truth), 4), "qps": round(qps, 1)}
+               "recall_at_10": round(recall(labels, truth), 4), "qps": round(qps, 1)}
         row["exact_qps_adjacent"] = round(timed_search(exact, queries, 10, None)[1], 1)
         row["speedup_vs_exact"] = round(row["qps"] / row["exact_qps_adjacent"], 1)
         if sweep:
             row["sweep"] = []
-            name = _param_names(index)[0]
+            name = kind_entry.knobs[0].name
             base = info["search"][name]
             values = {max(1, base // 4), max(1, base // 2), base, base * 2, base * 4}
             if name == "efSearch":  # the steps around recall 0.95 too, where the speed goal is judged
@@ -173,9 +174,9 @@ def measure_types(vectors: np.ndarray, queries: np.ndarray, types: list[str], me
                 settings = {**info["search"], name: value}
                 if name == "nprobe":
                     settings[name] = min(value, faiss.try_extract_index_ivf(index).nlist)
-                labels, qps = timed_search(index, queries, 10, _search_params(index, settings))
+                labels, qps = timed_search(index, queries, 10, kind_entry.faiss_params(index, settings))
                 exact_qps = timed_search(exact, queries, 10, None)[1]  # re-timed beside each point
-                row["sweep"].append({**settings, "recall_at_10": round(_recall(labels, truth), 4),
+                row["sweep"].append({**settings, "recall_at_10": round(recall(labels, truth), 4),
                                      "qps": round(qps, 1), "x_exact": round(qps / exact_qps, 1)})
         out[kind] = row
         print(kind, row, flush=True)

@@ -12,7 +12,17 @@ from typer.testing import CliRunner
 from embedkit import Embedder, Index
 from embedkit.cli import app
 from embedkit.corpus import encode_corpus, open_vectors
-from embedkit.index import BuildOptions, build_faiss, build_index, choose_type, exact_knn, factory_string
+from embedkit.index import (
+    BuildOptions,
+    build_faiss,
+    build_index,
+    choose_type,
+    exact_knn,
+    factory_string,
+    get_index_type,
+    locality_order,
+    recall,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 STORIES = REPO.parent / "shared" / "models" / "stories260K"
@@ -127,15 +137,11 @@ def test_calibration_reaches_target_on_clustered_vectors():
         assert param in info["search"] and index.ntotal == 4000
         queries = clustered(100, seed=1)
         _, truth = exact_knn(x, queries, 10, "ip")
-        from embedkit.index import _recall, _search_params  # noqa: PLC0415
-
-        _, found = index.search(queries, 10, params=_search_params(index, info["search"]))
-        assert _recall(found, truth) >= 0.85, kind  # held-out queries: close to the calibrated recall
+        _, found = index.search(queries, 10, params=get_index_type(kind).faiss_params(index, info["search"]))
+        assert recall(found, truth) >= 0.85, kind  # held-out queries: close to the calibrated recall
 
 
 def test_hnsw_locality_order_keeps_row_positions_as_labels():
-    from embedkit.index import _search_params, locality_order  # noqa: PLC0415
-
     x = clustered(4000)
     order, facts = locality_order(x, "ip")
     assert sorted(order.tolist()) == list(range(4000)) and facts["clusters"] == 63  # round(sqrt(4000))
@@ -147,7 +153,7 @@ def test_hnsw_locality_order_keeps_row_positions_as_labels():
     assert isinstance(ordered, faiss.IndexIDMap) and info["locality_order"]["clusters"] == 63
     assert faiss.downcast_index(ordered.index).hnsw.efConstruction == 160  # the default build depth
     assert isinstance(plain, faiss.IndexHNSW) and plain_info["locality_order"] is None
-    params = _search_params(ordered, {"efSearch": 256})
+    params = get_index_type("hnsw").faiss_params(ordered, {"efSearch": 256})
     _, found = ordered.search(x[:500], 1, params=params)
     assert (found[:, 0] == np.arange(500)).all()  # each row finds itself, by its own position
     _, truth = exact_knn(x, x[:50], 10, "ip")
@@ -184,8 +190,8 @@ def test_rebuild_is_a_no_op_and_damaged_index_or_shard_is_named(vectors, flat, t
     assert build_index(vectors, flat, BuildOptions(index_type="flat")).up_to_date
     copy = tmp_path / "copy"
     shutil.copytree(flat, copy)
-    (copy / "ids.npy").write_bytes(b"short")
-    with pytest.raises(ValueError, match=r"is damaged: .*ids\.npy has 5 bytes"):
+    (copy / "ids.offsets.npy").write_bytes(b"short")
+    with pytest.raises(ValueError, match=r"is damaged: .*ids\.offsets\.npy has 5 bytes"):
         Index.load(copy)
     with pytest.raises(FileNotFoundError, match="not an embedkit index folder"):
         Index.load(tmp_path)

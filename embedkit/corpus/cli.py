@@ -1,5 +1,6 @@
-"""CLI commands ``encode``, ``index build``, ``index info`` and ``search``; ``register(app)`` adds them to the
-main typer app (embedkit/cli.py). Heavy imports happen inside the commands, so ``embedkit --help`` stays fast."""
+"""CLI commands ``encode``, ``index build``, ``index info``, ``index verify`` and ``search``; ``register(app)`` adds
+them to the main typer app (embedkit/cli.py). Heavy imports happen inside the commands, so ``embedkit --help``
+stays fast."""
 
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def encode(
 def index_build(
     vectors_dir: Annotated[str, typer.Argument(help="A finished `embedkit encode` output folder.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Index folder to write (replaced atomically).")],
-    index_type: Annotated[str, typer.Option("--type", help="auto, flat, hnsw, ivf or ivfpq.")] = "auto",
+    index_type: Annotated[str, typer.Option("--type", help="auto, or a registered index type: flat, hnsw, ivf, "
+                                            "ivfpq (and any plug-in's).")] = "auto",
     metric: Annotated[str, typer.Option(help="ip or l2 (default: ip for normalised vectors, else l2).")] = None,
     target_recall: Annotated[float, typer.Option(help="Recall@10 the search settings are tuned to reach.")] = 0.95,
     nlist: Annotated[int, typer.Option(help="IVF lists (default ~sqrt(n)).")] = None,
@@ -105,6 +107,21 @@ def index_build(
                                locality_order=locality_order, nlist=nlist, pq_m=pq_m, train_size=train_size,
                                target_recall=target_recall)
         typer.echo(build_index(vectors_dir, output, options, texts=texts, verify=verify).summary())
+
+    base.run_cli(body)
+
+
+@index_app.command("verify")
+def index_verify(index_dir: Annotated[str, typer.Argument(help="An index folder.")]) -> None:
+    """Check every file of an index against the SHA-256 in its index.json; a bad file is named (exit 2)."""
+    base = _helpers()
+
+    def body():
+        from embedkit.index import verify_index  # noqa: PLC0415
+
+        info = verify_index(index_dir)
+        typer.echo(f"OK: {index_dir}: all {len(info['files'])} files match their sha256 ({info['type']}, "
+                   f"{info['count']} vectors).")
 
     base.run_cli(body)
 
@@ -148,6 +165,8 @@ def search(
     model: Annotated[str, typer.Option(help="Query model (default: the one that encoded the corpus).")] = None,
     check_model: Annotated[bool, typer.Option("--check-model/--no-check-model", help="Refuse a --model "
                                               "whose fingerprint differs from the index's.")] = True,
+    verify: Annotated[bool, typer.Option("--verify", help="Hash every byte of the index files first (default: "
+                                         "sizes and sampled blocks).")] = False,
 ) -> None:
     """Search an index with text queries, encoded as queries by the index's own model."""
     base = _helpers()
@@ -158,7 +177,7 @@ def search(
         embedder = None
         if model is not None:
             embedder = base.open_embedder(model)
-        index = Index.load(index_dir, embedder=embedder, check_model=check_model)
+        index = Index.load(index_dir, embedder=embedder, check_model=check_model, verify=verify)
         results = index.search(queries, k, ef_search=ef_search, nprobe=nprobe, k_factor=k_factor)
         if as_json:
             typer.echo(json.dumps({"index": index_dir, "k": k, "results": [
@@ -175,7 +194,7 @@ def search(
 
 
 def register(app: typer.Typer) -> None:
-    """Add encode, index (build, info) and search to the main app."""
+    """Add encode, index (build, info, verify) and search to the main app."""
     app.command("encode")(encode)
     app.add_typer(index_app, name="index")
     app.command("search")(search)

@@ -1,0 +1,102 @@
+"""Calibration: the cheapest search settings of an approximate index that reach a target recall@10.
+
+FAISS leaves ``efSearch`` / ``nprobe`` (/ the re-ranking depth) to the user; we measure them instead, on probe
+queries made from the corpus itself, so an index ships with search settings that were measured, not guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from embedkit.index.registry import IndexType
+from embedkit.index.source import VectorSource, exact_knn
+
+logger = logging.getLogger(__name__)
+
+PROBES = 200
+CALIBRATION_K = 10
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Share of the true neighbours (``truth``, -1 = none) that ``found`` holds, over all queries."""
+    hits = sum(len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) for f, t in zip(found, truth, strict=True))
+    return hits / max(1, sum(int((t >= 0).sum()) for t in truth))
+
+
+def calibration_probes(source, metric: str, seed: int = 0, probes: int = PROBES) -> tuple[np.ndarray, np.ndarray]:
+    """Probe queries that are not corpus rows, and their exact top-10 (positions).
+
+    A corpus row used as its own query is found at once by HNSW (it is a graph node whose links are its
+    neighbours), so recall measured that way is far too optimistic. Each probe is a corpus row moved by random
+    noise as long as the distance to its nearest other row, i.e. a new point at the corpus's own spacing.
+    """
+    source = VectorSource.of(source)
+    rng = np.random.default_rng(seed + 1)
+    own = np.sort(rng.choice(source.count, size=min(probes, source.count), replace=False))
+    rows = source.take(own)
+    k = min(CALIBRATION_K, source.count)
+    if source.count < 2:
+        return rows, np.zeros((len(rows), 0), dtype=np.int64)
+    scores, labels = exact_knn(source, rows, 2, metric)
+    nearest = np.where(labels[:, 0] == own, scores[:, 1], scores[:, 0])  # the nearest row other than itself
+    gap = np.sqrt(np.maximum(2 - 2 * nearest, 0)) if metric == "ip" else np.sqrt(np.maximum(nearest, 0))
+    noise = rng.standard_normal(rows.shape).astype(np.float32)
+    noise *= (gap / np.linalg.norm(noise, axis=1).clip(min=1e-12))[:, None]
+    queries = rows + noise
+    if metric == "ip":  # inner-product corpora are normalised: keep probes on the sphere too
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)
+        queries = queries / np.linalg.norm(queries, axis=1, keepdims=True).clip(min=1e-12) * norms
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    _, truth = exact_knn(source, queries, k, metric)
+    return queries, truth
+
+
+def _search_steps(index, kind: IndexType, measure, target: float) -> dict | None:
+    """Walk the first knob's steps, cheapest first; with a second knob (re-ranking depth), first ask whether the
+    target is reachable at this step with its deepest value, then take its smallest value that reaches it."""
+    first, *rest = kind.knobs
+    for value in first.steps(index):
+        settings = {first.name: value}
+        if not rest:
+            if measure(settings) >= target:
+                return settings
+            continue
+        depth = rest[0]
+        depths = depth.steps(index)
+        if measure({**settings, depth.name: depths[-1]}) >= target:
+            for factor in depths:
+                if measure({**settings, depth.name: factor}) >= target:
+                    return {**settings, depth.name: factor}
+            return None
+    return None
+
+
+def calibrate(index, kind: IndexType, source, metric: str, target: float, seed: int = 0,
+              probes: int = PROBES) -> dict:
+    """Cheapest search settings of ``index`` (of type ``kind``) whose recall@10 against exact search reaches
+    ``target`` on corpus probes; every point measured is kept in ``curve``."""
+    source = VectorSource.of(source)
+    queries, truth = calibration_probes(source, metric, seed, probes)
+    k = truth.shape[1]
+    if k < 1:
+        return {"settings": {}, "recall_at_10": 1.0, "probes": len(queries)}
+    curve: list[list] = []
+
+    def measure(settings: dict) -> float:
+        _, labels = index.search(queries, k, params=kind.faiss_params(index, settings))
+        value = recall(labels, truth)
+        curve.append([dict(settings), round(value, 4)])
+        return value
+
+    if not kind.knobs:
+        return {"settings": {}, "recall_at_10": round(measure({}), 4), "probes": len(queries)}
+    best = _search_steps(index, kind, measure, target)
+    if best is None:  # target not reached: the most accurate setting seen (PQ recall can fall with nprobe)
+        best = max(curve, key=lambda point: point[1])[0]
+    reached = next(r for s, r in reversed(curve) if s == best)
+    if reached < target:
+        logger.warning("Calibration: %s reaches recall@10 %.3f only (target %.2f); searches use it.", best, reached,
+                       target)
+    return {"settings": best, "recall_at_10": reached, "probes": len(queries), "target": target, "curve": curve}

@@ -1,0 +1,48 @@
+"""``BuildOptions``: the knobs of an index build, validated against the type registry before FAISS sees them.
+
+Saved as a dict in ``index.json`` (``source.options``): a rebuild with equal options and vectors is a no-op, so the
+field names and defaults are part of the folder format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from embedkit.index.registry import AUTO, INDEX_TYPES, IntParam, type_names
+
+METRICS = ("ip", "l2")
+
+
+@dataclass
+class BuildOptions:
+    """Knobs of ``build_index``; ``None`` means chosen from the corpus size. Every numeric option the type reads
+    (for ``auto``: any registered type) is checked here against its registry spec, so a bad value fails before
+    any work."""
+
+    index_type: str = "auto"
+    metric: str | None = None  # default: the vectors manifest's (ip for normalised vectors, else l2)
+    hnsw_m: int = 32
+    ef_construction: int = 160  # build depth; bench/README.md has the build-time / recall trade measured
+    locality_order: bool = True  # HNSW: add rows grouped by k-means cluster (faster build and search)
+    nlist: int | None = None  # IVF lists; default ~sqrt(n)
+    pq_m: int | None = None  # PQ sub-quantizers; default d/4 (a divisor of d)
+    train_size: int | None = None  # IVF training sample; default 64 per list, at least 39 per list
+    target_recall: float = 0.95  # calibration target for recall@10 (approximate types)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        names = type_names()
+        if self.index_type not in names:
+            raise ValueError(f"index type must be one of {', '.join(names)}, got {self.index_type!r}.")
+        if self.metric is not None and self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}.")
+        if isinstance(self.target_recall, bool) or not isinstance(self.target_recall, int | float) \
+                or not 0 < self.target_recall <= 1:
+            raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}.")
+        if not isinstance(self.locality_order, bool):
+            raise ValueError(f"locality_order must be true or false, got {self.locality_order!r}.")
+        kinds = INDEX_TYPES.values() if self.index_type == AUTO else [INDEX_TYPES[self.index_type]]
+        for param in (IntParam("seed", 0), *(p for kind in kinds for p in kind.params)):
+            if not hasattr(self, param.name):
+                raise ValueError(f"An index type reads option {param.name!r}, which BuildOptions does not have.")
+            param.check(getattr(self, param.name))

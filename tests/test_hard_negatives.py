@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from embedkit.methods.hard_negatives import DynamicNegatives, MinerSettings, too_easy
+from embedkit.train.negatives import DynamicNegatives, MinerSettings, too_easy
 
 
 @pytest.mark.parametrize("s0,st,expected", [

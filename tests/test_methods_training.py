@@ -20,9 +20,9 @@ from test_train_helpers import TINY_MODEL, write_data
 import embedkit.methods.soft_mask as soft_mask
 from embedkit import Embedder
 from embedkit.methods import gem
-from embedkit.methods.training import DynamicSelector
 from embedkit.pooling import LatentAttentionConfig, LatentAttentionPooling
 from embedkit.train import RecipeError, load_recipe, run_recipe
+from embedkit.train.negatives import DynamicSelector
 from embedkit.train.trainer import _seed_for
 
 TEXTS = ["Once upon a time there was a cat.", "The dog ran home.", "Two kids play outside ."]

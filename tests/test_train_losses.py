@@ -11,7 +11,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from embedkit.train.losses import contrastive_loss, run_towers
+from embedkit.train.losses import contrastive_loss, tower_loss
+
+
+def run_towers(towers, loss_fn, mini_batch_size):
+    """What the trainer does with a tower loss: backward, then GradCache's second pass."""
+    loss, finish = tower_loss(towers, loss_fn, mini_batch_size)
+    loss.backward()
+    if finish is not None:
+        finish()
+    return float(loss.detach())
 
 
 def reference_loss(a, p, n, temperature):

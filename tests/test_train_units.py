@@ -10,11 +10,14 @@ import torch
 import torch.nn.functional as F
 from test_train_helpers import TINY_MODEL, tiny_recipe
 
+from embedkit.train.config import LoraSpec
 from embedkit.train.data import BatchPlan, DataError, pack_blocks, shard
 from embedkit.train.lora import LoraTargetError, resolve_targets, wrap_lora
-from embedkit.train.recipe import LoraSpec, load_recipe
-from embedkit.train.registry import register_negative_selector
-from embedkit.train.stages import mask_block
+from embedkit.train.negatives import register_negative_selector
+from embedkit.train.objectives.base import row_rng
+from embedkit.train.objectives.mntp import mask_block
+from embedkit.train.recipe import load_recipe
+from embedkit.train.trainer import Trainer, backward
 
 
 def _tiny(kind: str):
@@ -127,35 +130,29 @@ def test_batch_plan_is_a_pure_function_of_the_step():
 
 @pytest.fixture(scope="module")
 def tiny_run_objects(tmp_path_factory):
-    """A Run with the model loaded, for stage-level checks (no training)."""
-    from embedkit.train.trainer import Run
-
+    """A Trainer with the model loaded, for objective-level checks (no training)."""
     root = tmp_path_factory.mktemp("units")
     recipe = load_recipe(tiny_recipe(root / "data", root / "run"))
-    run = Run(recipe, resume=False)
-    run.load_model()
-    return run
+    trainer = Trainer(recipe, resume=False)
+    trainer.load_model()
+    return trainer
 
 
 def test_mntp_predicts_token_i_from_position_i_minus_1(tiny_run_objects):
     run = tiny_run_objects
-    stage = run._make_stage(0)
-    stage.setup_model()
-    run._wrap(0)
-    run._set_attention(0)
+    stage, _ = run.start_stage(0)
+    run.embedder.set_attention(run.recipe.stages[0].attention or run.recipe.model.attention)
     stage.prepare()
     run.embedder.eval()
-    loss = stage.step([0, 1], step=0).loss
+    loss = backward(stage.loss([0, 1], step=0))  # the trainer's scaling: one process, mean over masked tokens
     # reference: full LM logits shifted by one, cross-entropy on the masked positions only
-    from embedkit.train.stages import _row_rng
-
-    xs, ys = zip(*[mask_block(stage.blocks[r], _row_rng(run.recipe.seed, 0, 0, r), ratio=0.2, strategy="bert",
+    xs, ys = zip(*[mask_block(stage.blocks[r], row_rng(run.recipe.seed, 0, 0, r), ratio=0.2, strategy="bert",
                               mask_id=stage.mask_id, vocab=stage.vocab, special=stage.special) for r in (0, 1)],
                  strict=True)
     ids = torch.as_tensor(np.stack(xs))
     labels = torch.as_tensor(np.stack(ys))
     with torch.no_grad():
-        logits = run.causal_lm(input_ids=ids, position_ids=torch.arange(ids.shape[1]).expand_as(ids)).logits
+        logits = run.model.causal_lm(input_ids=ids, position_ids=torch.arange(ids.shape[1]).expand_as(ids)).logits
     ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert abs(loss - ref.item()) < 1e-4
 
@@ -174,10 +171,10 @@ def test_negative_selection_is_replaceable(tiny_run_objects):
     cfg = run.recipe.stages[2].model_copy(update={"negative_selection": "test_fixed",
                                                   "negative_settings": {"text": "A cat sat."}})
     run.recipe.stages[2] = cfg
-    stage = run._make_stage(2)
+    stage = run.make_objective(2)
     stage.prepare()
-    result = stage.step([0, 1, 2, 3], step=0)
-    assert seen == [[0, 1, 2, 3]] and result.loss > 0
+    loss = backward(stage.loss([0, 1, 2, 3], step=0))
+    assert seen == [[0, 1, 2, 3]] and loss > 0
 
 
 def test_attention_schedule_is_called_every_step(tmp_path):

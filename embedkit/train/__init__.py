@@ -1,11 +1,15 @@
-"""Training: recipes (YAML, validated) -> stages (MNTP, SimCSE, supervised; registry for more) -> a saved
-embedder. ``run_recipe`` is the entry point; ``embedkit train RECIPE`` is its command."""
+"""Training: recipes (YAML, validated) -> stages, each an objective (MNTP, SimCSE, supervised, GEM; one file
+each in ``objectives/``) -> a saved embedder. ``run_recipe`` is the entry point; ``embedkit train RECIPE`` is
+its command."""
 
-from embedkit.train.recipe import Recipe, RecipeError, StageConfig, load_recipe
-from embedkit.train.registry import register_attention_schedule, register_negative_selector, register_stage
+from embedkit.train.config import StageConfig
+from embedkit.train.negatives import register_negative_selector
+from embedkit.train.objectives import Objective, register_objective
+from embedkit.train.recipe import Recipe, RecipeError, load_recipe
+from embedkit.train.schedules import register_attention_schedule
 from embedkit.train.trainer import run_recipe
 
 __all__ = [
-    "Recipe", "RecipeError", "StageConfig", "load_recipe", "register_attention_schedule",
-    "register_negative_selector", "register_stage", "run_recipe",
+    "Objective", "Recipe", "RecipeError", "StageConfig", "load_recipe", "register_attention_schedule",
+    "register_negative_selector", "register_objective", "run_recipe",
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from embedkit.train._atomic import atomic_write_dir, atomic_write_text
+from embedkit.io import atomic_write_dir, atomic_write_text
 
 LATEST = "latest.json"
 STATE = "state.json"

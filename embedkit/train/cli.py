@@ -1,10 +1,16 @@
-"""The ``embedkit train RECIPE [key.sub=value ...] [--resume]`` command body."""
+"""The ``embedkit train RECIPE [key.sub=value ...] [--resume]`` command body.
+
+Its error wrapper is its own (same contract as the other commands: a known error is one red line, exit 2)
+so that train does not import ``embedkit.cli``; the lead unifies the wrappers when the CLIs move.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
+
+from embedkit.train.trainer import run_recipe
 
 
 def train(
@@ -15,12 +21,9 @@ def train(
     = False,
 ) -> None:
     """Train an embedder from a recipe (MNTP, SimCSE, supervised contrastive on LoRA)."""
-    from embedkit.cli import run_cli  # noqa: PLC0415
-
-    def body() -> None:
-        from embedkit.train import run_recipe  # noqa: PLC0415
-
+    try:
         final = run_recipe(recipe, overrides=overrides or [], resume=resume)
-        typer.echo(f"trained embedder: {final}")
-
-    run_cli(body)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"trained embedder: {final}")

@@ -7,14 +7,14 @@ Files are checked (exist, non-empty, fields present, enough rows for one batch) 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from embedkit.datasets import find_data_dir
+from embedkit.io import iter_text_lines
 
 
 class DataError(ValueError):
@@ -53,18 +53,25 @@ def _is_jsonl(path: Path, fmt: str) -> bool:
     return fmt == "jsonl" or (fmt == "auto" and path.suffix in (".jsonl", ".json"))
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 file; bad bytes are a DataError naming the file and line."""
+    try:
+        yield from iter_text_lines(path)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+
+
 def _jsonl_rows(path: Path):
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg}).") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}.")
-            yield number, row
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: not valid JSON ({err.msg}).") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}.")
+        yield number, row
 
 
 def _field(path: Path, number: int, row: dict, name: str) -> str:
@@ -86,12 +93,11 @@ def read_texts(path: Path, fmt: str = "auto", text_field: str = "text", limit: i
             if limit and len(texts) >= limit:
                 break
     else:
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    texts.append(line.strip())
-                    if limit and len(texts) >= limit:
-                        break
+        for _, line in _lines(path):
+            if line.strip():
+                texts.append(line.strip())
+                if limit and len(texts) >= limit:
+                    break
     if not texts:
         raise DataError(f"{path} has no texts (empty file); give a file with one text per line.")
     return texts
@@ -213,8 +219,3 @@ def shard(rows: Sequence[int], rank: int, world: int) -> list[int]:
         raise DataError(f"batch_size={len(rows)} is not divisible by the {world} processes.")
     n = len(rows) // world
     return list(rows[rank * n:(rank + 1) * n])
-
-
-def file_size_check(path: Path) -> None:
-    if os.path.getsize(path) == 0:
-        raise DataError(f"{path} is empty; give a file with data.")

@@ -10,7 +10,7 @@ import io
 import logging
 from pathlib import Path
 
-from embedkit.train._atomic import atomic_write_bytes, atomic_write_text
+from embedkit.io import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 COLUMNS = ["stage", "stage_name", "step", "loss", "lr", "tokens_per_s", "event", "value"]

@@ -14,6 +14,8 @@ import torch
 import torch.distributed.tensor  # noqa: F401  (peft 0.21 + torch 2.13 need it imported before peft)
 from torch import nn
 
+from embedkit.backbone import convert_gguf, load_backbone, load_tokenizer, resolve_dtype, resolve_spec
+
 LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 KNOWN_TARGETS: dict[str, list[str]] = {
     **{name: LLAMA_STYLE for name in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
@@ -124,17 +126,20 @@ def quantization_config(spec, compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=True)
 
 
+def plain_weights(model: nn.Module, dtype: str) -> nn.Module:
+    """A QLoRA model (adapters merged into 4/8-bit weights) dequantised to ``dtype``; others as they are."""
+    if getattr(model.config, "quantization_config", None) is None:
+        return model
+    return model.dequantize(dtype=resolve_dtype(dtype))
+
+
 def load_model(spec: str | os.PathLike, *, dtype, with_lm_head: bool, quantization=None,
                attn_implementation: str | None = None, trust_remote_code: bool = False):
     """Like ``embedkit.backbone.load_backbone`` but can pass a bitsandbytes quantization config."""
-    from embedkit.backbone import load_backbone  # noqa: PLC0415
-
     if quantization is None:
         return load_backbone(spec, dtype=dtype, with_lm_head=with_lm_head, attn_implementation=attn_implementation,
                              trust_remote_code=trust_remote_code)
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: PLC0415
-
-    from embedkit.backbone import convert_gguf, load_tokenizer, resolve_dtype, resolve_spec  # noqa: PLC0415
 
     resolved = resolve_spec(spec)
     path = str(convert_gguf(resolved)) if resolved.gguf_file else resolved.path

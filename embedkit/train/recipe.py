@@ -2,7 +2,8 @@
 
 An invalid recipe raises ``RecipeError`` naming the file, the field path (``stages.1.temperature``), the bad
 value and what is allowed. ``key.sub=value`` overrides (values parsed as YAML) are applied before
-validation, so they are checked the same way.
+validation, so they are checked the same way. Each stage's keys are validated by its objective's config
+(``embedkit/train/objectives/``).
 """
 
 from __future__ import annotations
@@ -12,189 +13,30 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, model_validator
 
-from embedkit.attention import ATTENTION_MODES
-from embedkit.pooling import POOLING_MODES
-from embedkit.train import registry
-
-AttentionMode = Literal[ATTENTION_MODES]  # type: ignore[valid-type]
-PoolingMode = Literal[POOLING_MODES]  # type: ignore[valid-type]
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-Fraction = Annotated[float, Field(ge=0, lt=1)]
+from embedkit.train.config import (
+    CheckpointSpec,
+    DataSpec,
+    EvaluateSpec,
+    Int,
+    LoggingSpec,
+    LoraSpec,
+    ModelSpec,
+    PositiveInt,
+    StageConfig,
+    Strict,
+)
+from embedkit.train.negatives import NEGATIVE_SELECTORS
+from embedkit.train.objectives import OBJECTIVES
+from embedkit.train.schedules import ATTENTION_SCHEDULES
 
 
 class RecipeError(ValueError):
     """A recipe that cannot run; the message says where and how to fix it."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-class ModelSpec(Strict):
-    """The embedder being trained: backbone spec and how it embeds."""
-
-    base: str = Field(description="Any spec the core accepts: alias, hub id, HF folder, .gguf file.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attention: AttentionMode = "bidirectional"
-    pooling: PoolingMode = "mean"
-    max_length: Annotated[int, Field(ge=2)] = 512
-    template: str | None = None
-    query_instruction: str | None = None
-    document_instruction: str | None = None
-    latent_attention: dict[str, int] | None = Field(
-        None, description="pooling: latent_attention settings (num_latents, num_heads, mlp_ratio); the pooler "
-                          "trains in the contrastive stages.")
-    attn_implementation: str | None = None
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
-
-    @model_validator(mode="after")
-    def _template(self) -> ModelSpec:
-        if self.template is not None and "{text}" not in self.template:
-            raise ValueError("template must contain '{text}'")
-        return self
-
-
-class LoraSpec(Strict):
-    r: PositiveInt = 16
-    alpha: PositiveFloat = 32
-    dropout: Fraction = 0.05
-    target_modules: Literal["auto"] | list[str] = "auto"
-    quantization: Literal["none", "4bit", "8bit"] = "none"
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    dtype: Literal["float32", "mixed", "model"] = Field(
-        "float32", description="Adapter parameters: float32 (stable updates, float32 compute); mixed (float32 "
-        "parameters, matmuls in the model's dtype under autocast: bf16 speed with float32 updates); or the model's "
-        "dtype (bf16: what sentence-transformers' add_adapter does; small updates can round away).")
-
-
-class OptimizerSpec(Strict):
-    name: Literal["adamw", "adamw_8bit", "sgd"] = "adamw"
-    lr: PositiveFloat = 5e-5
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
-    eps: PositiveFloat = 1e-8
-    max_grad_norm: PositiveFloat | None = 1.0
-
-
-class ScheduleSpec(Strict):
-    name: Literal["constant", "linear", "cosine"] = "linear"
-    warmup_steps: Annotated[int, Field(ge=0)] = 0
-
-
-class DataSpec(Strict):
-    """Files of one stage. Relative paths are looked up in the data folder, then beside the recipe."""
-
-    paths: Annotated[list[str], Field(min_length=1)]
-    format: Literal["auto", "text", "jsonl"] = "auto"
-    text_field: str = "text"
-    anchor_field: str = "anchor"
-    positive_field: str = "positive"
-    negative_fields: list[str] = ["negative"]
-    source_field: str | None = None
-    instruction_field: str | None = None
-    limit: PositiveInt | None = None
-
-
-class AttentionScheduleSpec(Strict):
-    """A registered per-step attention schedule (sets ``embedder.attention_bias`` each step)."""
-
-    name: str
-    settings: dict[str, Any] = {}
-
-
-class StageConfig(Strict):
-    """Keys every stage has; objectives add their own (see the subclasses)."""
-
-    objective: str
-    name: str | None = None
-    data: DataSpec
-    steps: PositiveInt | None = None
-    epochs: PositiveFloat | None = None
-    batch_size: PositiveInt = 32
-    max_length: Annotated[int, Field(ge=2)] | None = None
-    attention: AttentionMode | None = None
-    attention_schedule: AttentionScheduleSpec | None = None
-    optimizer: OptimizerSpec = OptimizerSpec()
-    schedule: ScheduleSpec = ScheduleSpec()
-    lora: LoraSpec | None = None
-    save_merged: bool = False
-
-    @model_validator(mode="after")
-    def _length(self) -> StageConfig:
-        if self.steps is None and self.epochs is None:
-            raise ValueError("give steps or epochs")
-        if self.steps is not None and self.epochs is not None:
-            raise ValueError("give steps or epochs, not both")
-        return self
-
-
-class MNTPConfig(StageConfig):
-    """Masked next-token prediction (LLM2Vec): predict masked token i from the output at i-1."""
-
-    objective: Literal["mntp"] = "mntp"
-    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.2
-    mask_strategy: Literal["bert", "all_mask"] = "bert"
-    mask_token: Literal["auto", "model", "underscore", "new"] = "auto"
-    train_lm_head: bool = False
-    batch_size: PositiveInt = 32
-
-
-class ContrastiveConfig(StageConfig):
-    temperature: PositiveFloat = 0.05
-    mini_batch_size: PositiveInt | None = Field(
-        None, description="GradCache chunk size: the batch's loss with the memory of this many rows.")
-    gather_across_processes: bool = True
-
-
-class SimCSEConfig(ContrastiveConfig):
-    """Unsupervised SimCSE: each sentence with itself, dropout as augmentation, in-batch negatives."""
-
-    objective: Literal["simcse"] = "simcse"
-    temperature: PositiveFloat = 0.05
-    attention_dropout: Fraction = 0.1
-    hidden_dropout: Fraction = 0.0
-
-
-class SupervisedConfig(ContrastiveConfig):
-    """(anchor, positive[, negatives]) rows; in-batch plus hard negatives."""
-
-    objective: Literal["supervised"] = "supervised"
-    temperature: PositiveFloat = 0.02
-    hard_negatives: Annotated[int, Field(ge=0)] = 1
-    negative_selection: str = "from_data"
-    negative_settings: dict[str, Any] = {}
-    instruction: str | None = None
-    same_source_batches: bool = False
-    attention_dropout: Fraction = 0.0
-    hidden_dropout: Fraction = 0.0
-
-
-class CheckpointSpec(Strict):
-    every: Annotated[int, Field(ge=0)] = 100
-    keep: PositiveInt = 2
-
-
-class LoggingSpec(Strict):
-    every: PositiveInt = 10
-    tensorboard: bool = True
-    csv: bool = True
-    plot: bool = True
-    progress_bar: bool = True
-
-
-class EvaluateSpec(Strict):
-    """STS-B after each stage (and before training with ``before``); dev for choices, test for reports."""
-
-    sts_splits: list[Literal["train", "dev", "test"]] = []
-    before: bool = False
-    max_length: Annotated[int, Field(ge=2)] = Field(128, description="Token limit while scoring (BASELINES: 128).")
 
 
 class Recipe(Strict):
@@ -202,7 +44,7 @@ class Recipe(Strict):
     model: ModelSpec
     lora: LoraSpec = LoraSpec()
     stages: Annotated[list[SerializeAsAny[StageConfig]], Field(min_length=1)]
-    seed: int = 42
+    seed: Int = 42
     output_dir: str
     data_dir: str | None = None
     checkpoint: CheckpointSpec = CheckpointSpec()
@@ -210,6 +52,14 @@ class Recipe(Strict):
     evaluate: EvaluateSpec = EvaluateSpec()
     threads: PositiveInt | None = Field(None, description="torch CPU threads (1 is fastest on a busy machine).")
     source: str | None = Field(None, exclude=True, description="File the recipe came from (not a key).")
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> Recipe:
+        names = [self.stage_name(i) for i in range(len(self.stages))]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"stage names must differ (each names its folder stages/<name>/): {twice} repeat")
+        return self
 
     def stage_name(self, index: int) -> str:
         stage = self.stages[index]
@@ -275,7 +125,6 @@ def _collect(err: ValidationError, model: type[BaseModel], prefix: tuple = ()) -
 
 def validate_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     """Validate a recipe dict; collect every problem into one RecipeError."""
-    registry.load_builtins()
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping (model:, stages:, ...), got {type(data).__name__}.")
     errors: list[tuple[tuple, Any, str]] = []
@@ -287,11 +136,11 @@ def validate_recipe(data: Any, source: str = "<recipe>") -> Recipe:
                 errors.append((("stages", i), raw, "a stage is a mapping with an 'objective' key"))
                 continue
             objective = raw.get("objective")
-            if objective not in registry.STAGES:
+            if objective not in OBJECTIVES:
                 errors.append((("stages", i, "objective"), objective,
-                               f"unknown objective; allowed: {', '.join(sorted(registry.STAGES))}"))
+                               f"unknown objective; allowed: {', '.join(sorted(OBJECTIVES))}"))
                 continue
-            config_cls = registry.STAGES[objective][1]
+            config_cls = OBJECTIVES[objective].config_class
             try:
                 stage = config_cls.model_validate(raw)
             except ValidationError as err:
@@ -320,13 +169,13 @@ def _placeholder() -> StageConfig:
 
 
 def _check_stage_registries(stage: StageConfig) -> tuple[tuple, Any, str] | None:
-    if stage.attention_schedule is not None and stage.attention_schedule.name not in registry.ATTENTION_SCHEDULES:
-        known = ", ".join(sorted(registry.ATTENTION_SCHEDULES)) or "none registered"
+    if stage.attention_schedule is not None and stage.attention_schedule.name not in ATTENTION_SCHEDULES:
+        known = ", ".join(sorted(ATTENTION_SCHEDULES)) or "none registered"
         return (("attention_schedule", "name"), stage.attention_schedule.name, f"unknown schedule; allowed: {known}")
     selection = getattr(stage, "negative_selection", None)
-    if selection is not None and selection not in registry.NEGATIVE_SELECTORS:
+    if selection is not None and selection not in NEGATIVE_SELECTORS:
         return (("negative_selection",), selection,
-                f"unknown selector; allowed: {', '.join(sorted(registry.NEGATIVE_SELECTORS))}")
+                f"unknown selector; allowed: {', '.join(sorted(NEGATIVE_SELECTORS))}")
     return None
 
 

@@ -1,4 +1,11 @@
-"""Dynamic hard-negative mining (Conan-embedding-v2): swap a hard negative out once it has become too easy.
+"""Hard negatives of the supervised objective: the selector registry, ``from_data`` (the default), and
+``dynamic``: Conan-embedding-v2's mining, which swaps a hard negative out once it has become too easy.
+
+A selector is registered with ``@register_negative_selector("name")`` on a factory ``(settings: dict) ->
+callable(objective, rows) -> list[list[str]]`` giving each row's hard negatives; a selector with an ``observe``
+method is handed the loss's embeddings after each loss, and one with ``stats`` reports at the stage's end.
+
+Dynamic mining:
 
 Every anchor keeps ``hard_negatives`` active negatives and a pool of candidates. The pool starts with the
 row's negatives from the data and grows with the in-batch texts (other rows' positives and negatives) that
@@ -17,11 +24,35 @@ A candidate enters the pool only if it is not the anchor or its positive and sco
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
+
+from embedkit import distributed
+
+NEGATIVE_SELECTORS: dict[str, Callable] = {}
+
+
+def register_negative_selector(name: str) -> Callable[[Callable], Callable]:
+    def wrap(factory: Callable) -> Callable:
+        NEGATIVE_SELECTORS[name] = factory
+        return factory
+
+    return wrap
+
+
+@register_negative_selector("from_data")
+def negatives_from_data(settings: dict):
+    """The default: the row's own hard negatives from the data file (the first ``hard_negatives`` fields)."""
+    if settings:
+        raise ValueError(f"negative_selection 'from_data' takes no settings, got {sorted(settings)}.")
+
+    def select(objective, rows: Sequence[int]) -> list[list[str]]:
+        k = objective.config.hard_negatives
+        return [objective.rows.negatives[r][:k] for r in rows]
+    return select
 
 
 @dataclass
@@ -151,3 +182,35 @@ class DynamicNegatives:
 
     def settings_dict(self) -> dict:
         return asdict(self.settings)
+
+
+class DynamicSelector:
+    """The supervised objective's ``dynamic`` selector: active negatives per row, updated from the loss's
+    embeddings (``observe``), gathered from every process in rank order so that all miners agree."""
+
+    def __init__(self, settings: MinerSettings):
+        self.settings = settings
+        self.miner: DynamicNegatives | None = None
+
+    def __call__(self, objective, rows: Sequence[int]) -> list[list[str]]:
+        if self.miner is None:
+            k = objective.config.hard_negatives
+            if k < 1:
+                raise ValueError("negative_selection 'dynamic' needs hard_negatives >= 1.")
+            self.miner = DynamicNegatives(objective.rows.negatives, objective.rows.positives, objective.rows.anchors,
+                                          k, self.settings)
+        return self.miner.select(rows)
+
+    def observe(self, rows: Sequence[int], anchors: torch.Tensor, positives: torch.Tensor,
+                negatives: torch.Tensor) -> None:
+        rows = distributed.all_gather(torch.tensor(list(rows), dtype=torch.long)).tolist()
+        anchors, positives, negatives = (distributed.all_gather(t) for t in (anchors, positives, negatives))
+        self.miner.observe(rows, anchors, positives, negatives)
+
+    def stats(self) -> dict:
+        return self.miner.stats() if self.miner is not None else {}
+
+
+@register_negative_selector("dynamic")
+def dynamic_negatives(settings: dict) -> DynamicSelector:
+    return DynamicSelector(MinerSettings.from_dict(settings))

@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from embedkit.io import atomic_write_dir, atomic_write_text, child_path, remove_stale_temps
+from embedkit.io import atomic_write_dir, atomic_write_json, atomic_write_text, child_path, remove_stale_temps
 from embedkit.train.checkpoint import ResumeError, latest_checkpoint, read_checkpoint, save_checkpoint
 from embedkit.train.recipe import Recipe
 
@@ -110,6 +110,11 @@ class RunFolder:
             atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(
                 {"fingerprint": self.recipe.fingerprint(), "recipe": self.recipe.model_dump(mode="json")},
                 sort_keys=False))
+
+    def write_run_info(self, info: dict) -> None:
+        """run.json: the machine, dtype and threads this run used (a speed figure means nothing without them)."""
+        if self.main:
+            atomic_write_json(self.out / "run.json", info)
 
     # -- checkpoints and stage outputs ---------------------------------------------------------------------------
     def checkpoint(self, state: dict, named: dict | None, optimizer) -> None:

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from embedkit import distributed
+from embedkit.hardware import apply_thread_policy, describe_cpu
 from embedkit.train.checkpoint import ResumeError, unflatten_optimizer
 from embedkit.train.data import BatchPlan, DataError, default_data_dir, shard
 from embedkit.train.evaluate import StsReport
@@ -75,8 +76,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, resume: bool | str):
         self.recipe = recipe
-        if recipe.threads:
-            torch.set_num_threads(recipe.threads)
+        self.threads = apply_thread_policy(recipe.threads)
         self.parallel = Parallel()
         self.data_dir, self.recipe_dir = check_data(recipe)
         for i, stage in enumerate(recipe.stages):
@@ -230,6 +230,12 @@ class Trainer:
             self.folder.write_recipe()
         self.metrics.open(resume_at=(state["stage"], state["step"]) if self.resume_state else None)
         self.load_model()
+        machine, dtype = describe_cpu(), str(self.embedder.backbone.dtype).removeprefix("torch.")
+        threads_from = "recipe" if self.recipe.threads else "CPUs this process may use"
+        self.folder.write_run_info({"machine": machine, "dtype": dtype, "threads": self.threads,
+                                    "threads_from": threads_from})
+        logger.warning("training on %s (%s), %s, %d torch threads (%s)", machine["cpu"], machine["isa"], dtype,
+                       self.threads, threads_from)
         if self.recipe.evaluate.before and self.resume_state is None:
             self.embedder.set_attention(self.recipe.model.attention)
             self.sts.evaluate(self.embedder, "before training")

@@ -54,9 +54,9 @@ def run_demo(data: str | os.PathLike | None = None, recipe: str | os.PathLike = 
     """Run every stage of the main job and return its figures (also echoed as it goes)."""
     from embedkit.embedder import Embedder  # noqa: PLC0415
     from embedkit.evaluation.harness import evaluate_model  # noqa: PLC0415
+    from embedkit.evaluation.retrieval import evaluate_retrieval  # noqa: PLC0415
     from embedkit.evaluation.sts import sts_spearman  # noqa: PLC0415
     from embedkit.index import Index  # noqa: PLC0415
-    from embedkit.retrieval import evaluate_retrieval  # noqa: PLC0415
     from embedkit.train import load_recipe, run_recipe  # noqa: PLC0415
 
     data_dir = find_data_dir(data)

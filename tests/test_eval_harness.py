@@ -196,9 +196,9 @@ def test_minilm_reproduces_its_known_sts_b_score(no_network, tmp_path):
 
     Slow: ~1.5-3 min on this shared 2-core machine (2758 sentences through MiniLM)."""
     from embedkit.datasets import find_data_dir
-    from embedkit.evaluation.mteb_model import load_model
+    from embedkit.evaluation.mteb_model import open_eval_model
     from embedkit.evaluation.tasks import read_task
 
     task = local_eval_task(read_task(find_data_dir() / "sts" / "STSBenchmark"))
-    run = evaluate(EmbedkitEncoder(load_model("all-MiniLM-L6-v2")), [task], tmp_path)
+    run = evaluate(EmbedkitEncoder(open_eval_model("all-MiniLM-L6-v2")), [task], tmp_path)
     assert 100 * run["tasks"][0]["score"] == pytest.approx(82.03, abs=0.2)

@@ -28,7 +28,6 @@ from embedkit.corpus.manifest import (
     SHARDS_DIR,
     VECTOR_DTYPES,
     job_key,
-    read_json,
     shard_name,
     shard_paths,
     shard_problem,
@@ -38,6 +37,7 @@ from embedkit.io import (
     atomic_save_npy,
     atomic_write_json,
     atomic_write_text,
+    read_json,
     remove_stale_temps,
     sha256_file,
 )

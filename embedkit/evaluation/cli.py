@@ -121,7 +121,7 @@ def run(
         typer.echo(f"{len(eval_tasks)} task(s): {', '.join(t.name for t in eval_tasks)}")
 
         from embedkit.evaluation.harness import evaluate  # noqa: PLC0415
-        from embedkit.evaluation.mteb_model import EmbedkitEncoder, load_model  # noqa: PLC0415
+        from embedkit.evaluation.mteb_model import EmbedkitEncoder, open_eval_model  # noqa: PLC0415
         from embedkit.evaluation.report import pct, secs  # noqa: PLC0415
 
         table = _instructions(instructions)
@@ -131,8 +131,8 @@ def run(
             torch.set_num_threads(threads)
         start = time.perf_counter()
         try:
-            loaded = load_model(model, attention=attention, pooling=pooling, dtype=dtype, max_length=max_length,
-                                template=template, label=name)
+            loaded = open_eval_model(model, attention=attention, pooling=pooling, dtype=dtype,
+                                     max_length=max_length, template=template, label=name)
         except Exception as err:
             if debug:
                 raise

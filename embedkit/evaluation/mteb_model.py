@@ -4,6 +4,9 @@ mteb hands ``encode`` a DataLoader of small batches; the wrapper gathers every t
 duplicates and encodes them in one ``Embedder.encode`` call, so the core's length-sorted token-budget batching
 applies across the whole input instead of within each 32-text batch. Instructions come per task and role
 (query / document) from an instruction table, else from the model's own configured instructions.
+
+Importing this module changes nothing in the process (no offline switch): the eval command and the harness entry
+points call ``offline.ensure_offline()`` explicitly, and it reaches already-imported hub clients too.
 """
 
 from __future__ import annotations
@@ -19,14 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from embedkit.evaluation.offline import ensure_offline
-
-ensure_offline()
-
-from mteb.models.abs_encoder import AbsEncoder  # noqa: E402  (after the offline switch)
-from mteb.models.model_meta import ModelMeta  # noqa: E402
-from mteb.types import PromptType  # noqa: E402
+from mteb.models.abs_encoder import AbsEncoder
+from mteb.models.model_meta import ModelMeta
+from mteb.types import PromptType
 
 logger = logging.getLogger(__name__)
 
@@ -199,10 +197,10 @@ def default_label(spec: str, embedder=None, template: str | None = None) -> str:
     return f"{base}-{cfg.attention}-{cfg.pooling}{suffix}"
 
 
-def load_model(spec: str, *, attention: str | None = None, pooling: str | None = None, dtype: str = "auto",
+def open_eval_model(spec: str, *, attention: str | None = None, pooling: str | None = None, dtype: str = "auto",
                max_length: int | None = None, template: str | None = None, label: str | None = None,
                backend: str = "auto") -> LoadedModel:
-    """Load any model spec for evaluation.
+    """Open any model spec for evaluation (embedkit or sentence-transformers) as the harness's LoadedModel.
 
     ``all-MiniLM-L6-v2`` (and a folder with ``modules.json`` but no ``embedkit.json``, or ``backend=
     "sentence-transformers"``) loads with sentence-transformers; everything else goes through the embedkit core

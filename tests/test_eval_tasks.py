@@ -57,6 +57,17 @@ def test_bad_fields_name_the_field(tmp_path, change, message):
         read_task(folder)
 
 
+@pytest.mark.parametrize("name", ["/abs/x", "../../x", "a/b", ".hidden"])
+def test_task_names_that_are_not_file_names_are_refused(tmp_path, name):
+    """Issue 15, 2.1: results are written as OUTPUT/mteb/<name>.json, so a name must not leave OUTPUT/mteb."""
+    folder = make_sts(tmp_path)
+    info = json.loads((folder / "task.json").read_text())
+    (folder / "task.json").write_text(json.dumps({**info, "name": name}))
+    with pytest.raises(TaskFolderError, match=r"TinySTS/task\.json: field 'name': task name .* is not a safe file "
+                                              r"name: use letters, digits"):
+        read_task(folder)
+
+
 def test_unknown_type_lists_valid_types_and_a_near_match(tmp_path):
     folder = write_task(tmp_path / "X", {"name": "X", "type": "clusterin"})
     with pytest.raises(TaskFolderError) as err:

@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ TEMPLATES = {"prompteol": PROMPT_EOL}
 MINILM_ALIASES = ("all-minilm-l6-v2", "minilm", "sentence-transformers/all-minilm-l6-v2")
 DEFAULT_TEMPLATE = "Instruct: {instruction}\nQuery: "
 ROLES = ("query", "document")
+SHIPPED_INSTRUCTIONS = "instructions.json"  # package data beside this module
 
 
 # -- instruction table ----------------------------------------------------------------------------------------
@@ -67,16 +69,26 @@ class InstructionTable:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Instruction table {path} does not exist.")
+        return cls.from_json(path.read_text(encoding="utf-8"), str(path))
+
+    @classmethod
+    def shipped(cls) -> InstructionTable:
+        """The table that ships with embedkit (package data, so it exists in an installed wheel too)."""
+        resource = resources.files("embedkit.evaluation") / SHIPPED_INSTRUCTIONS
+        return cls.from_json(resource.read_text(encoding="utf-8"), str(resource))
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> InstructionTable:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"Instruction table {path} is not valid JSON ({err}).") from None
+            raise ValueError(f"Instruction table {source} is not valid JSON ({err}).") from None
         unknown = sorted(set(data) - {"template", "tasks", "types", "_comment"}) if isinstance(data, dict) else []
         if not isinstance(data, dict) or unknown:
-            raise ValueError(f"Instruction table {path}: expected an object with 'tasks', 'types', 'template'"
+            raise ValueError(f"Instruction table {source}: expected an object with 'tasks', 'types', 'template'"
                              + (f"; unknown field(s) {unknown}." if unknown else "."))
         return cls(tasks=dict(data.get("tasks") or {}), types=dict(data.get("types") or {}),
-                    template=data.get("template", DEFAULT_TEMPLATE), source=str(path))
+                   template=data.get("template", DEFAULT_TEMPLATE), source=source)
 
     def lookup(self, task_name: str, task_type: str, role: str | None) -> tuple[bool, str | None]:
         """(found, instruction). A string entry covers queries and symmetric inputs, not retrieval documents."""
@@ -94,6 +106,15 @@ class InstructionTable:
     def digest(self) -> str:
         blob = json.dumps({"tasks": self.tasks, "types": self.types, "template": self.template}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_instructions(value: InstructionTable | str | os.PathLike | None) -> InstructionTable | None:
+    """``--instructions``: None / "none" (the model's own), "default" (the shipped table), or a JSON file."""
+    if isinstance(value, InstructionTable) or value is None:
+        return value
+    if str(value) in ("", "none"):
+        return None
+    return InstructionTable.shipped() if str(value) == "default" else InstructionTable.load(value)
 
 
 # -- loaded models ------------------------------------------------------------------------------------------------

@@ -15,13 +15,16 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from embedkit.datasets import read_jsonl
+from embedkit.io import safe_name
 
 logger = logging.getLogger(__name__)
 
 TASK_FILE = "task.json"
+TASK_SETS = "tasksets"  # package data beside this module: <name>.txt
 EVAL_SPLIT = "test"
 CLUSTERING_MAX_DOCUMENTS = 2048  # mteb's *.v2 clustering tasks subsample (stratified) to this many documents
 
@@ -123,6 +126,10 @@ def read_task(folder: str | os.PathLike) -> LocalTask:
     for key in ("name", "type"):
         if not isinstance(info.get(key), str) or not info[key].strip():
             raise TaskFolderError(f"{meta_path}: field '{key}' is missing or not a non-empty string.")
+    try:  # results are written as OUTPUT/mteb/<name>.json: a name with '/' or '..' would write elsewhere
+        safe_name(info["name"].strip(), "task name")
+    except ValueError as err:
+        raise TaskFolderError(f"{meta_path}: field 'name': {err}") from None
     kind = info["type"]
     if kind in TRAINING_TYPES:
         raise TaskFolderError(f"{meta_path}: type '{kind}' is training data, not an evaluation task; "
@@ -200,22 +207,34 @@ def check_unique(names: Iterable[str]) -> None:
         seen.add(name)
 
 
-def read_task_set(name_or_path: str, data_dir: Path, sets_dir: Path) -> list[Path]:
-    """A task set file: one task folder per line (relative to the data folder, or absolute); '#' comments."""
+def shipped_task_sets():
+    """The folder of task sets that ships with embedkit (package data: present in an installed wheel too)."""
+    return resources.files("embedkit.evaluation") / TASK_SETS
+
+
+def task_set_names(sets_dir=None) -> list[str]:
+    folder = sets_dir if sets_dir is not None else shipped_task_sets()
+    return sorted(p.name.removesuffix(".txt") for p in folder.iterdir() if p.name.endswith(".txt")) \
+        if folder.is_dir() else []
+
+
+def read_task_set(name_or_path: str, data_dir: Path, sets_dir=None) -> list[Path]:
+    """A task set: a file, or a name in ``sets_dir`` (default: the shipped sets); one task folder per line
+    (relative to the data folder, or absolute); '#' comments."""
     path = Path(name_or_path)
+    source = path
     if not path.is_file():
-        path = sets_dir / f"{name_or_path}.txt"
-    if not path.is_file():
-        known = sorted(p.stem for p in sets_dir.glob("*.txt")) if sets_dir.is_dir() else []
-        raise FileNotFoundError(f"Task set {name_or_path!r} not found (neither a file nor {path}); known sets: "
-                                f"{', '.join(known) or 'none'}.")
+        source = (sets_dir if sets_dir is not None else shipped_task_sets()) / f"{name_or_path}.txt"
+    if not source.is_file():
+        raise FileNotFoundError(f"Task set {name_or_path!r} not found (neither a file nor {source}); known sets: "
+                                f"{', '.join(task_set_names(sets_dir)) or 'none'}.")
     folders = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in source.read_text(encoding="utf-8").splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             folders.append(Path(line) if Path(line).is_absolute() else data_dir / line)
     if not folders:
-        raise ValueError(f"Task set {path} lists no task folders.")
+        raise ValueError(f"Task set {source} lists no task folders.")
     return folders
 
 

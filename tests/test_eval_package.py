@@ -46,7 +46,7 @@ def test_task_sets_and_instructions_are_package_data():
     from importlib import resources
 
     from embedkit.evaluation.mteb_model import InstructionTable, load_instructions
-    from embedkit.evaluation.tasks import read_task_set, task_set_names
+    from embedkit.evaluation.task_sets import read_task_set, task_set_names
 
     root = resources.files("embedkit.evaluation")
     assert (root / "tasksets" / "quick.txt").is_file() and (root / "instructions.json").is_file()
@@ -73,7 +73,7 @@ def test_a_non_editable_install_lists_the_quick_task_set(tmp_path):
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not (target / "eval").exists()
-    script = ("import embedkit.evaluation.tasks as t, embedkit.evaluation.mteb_model as m; "
+    script = ("import embedkit.evaluation.task_sets as t, embedkit.evaluation.mteb_model as m; "
               f"assert t.__file__.startswith({str(target)!r}), t.__file__; "
               "print([p.as_posix() for p in t.read_task_set('quick', __import__('pathlib').Path('D'))]); "
               "print(len(m.load_instructions('default').tasks) > 0)")

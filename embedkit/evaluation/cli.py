@@ -102,7 +102,8 @@ def run(
         ensure_offline()
         from embedkit.datasets import find_data_dir  # noqa: PLC0415
         from embedkit.evaluation.harness import local_eval_task, mteb_eval_tasks  # noqa: PLC0415
-        from embedkit.evaluation.tasks import find_tasks, read_task_set  # noqa: PLC0415
+        from embedkit.evaluation.task_sets import read_task_set  # noqa: PLC0415
+        from embedkit.evaluation.tasks import find_tasks  # noqa: PLC0415
 
         if not (task_dir or task_set or tasks):
             raise ValueError("Nothing to evaluate: give --task-dir DIR, --task-set NAME or --tasks NAME,... "

@@ -21,7 +21,7 @@ from embedkit.datasets import find_data_dir
 from embedkit.evaluation.mteb_model import EmbedkitEncoder, LoadedModel, from_embedder, load_instructions
 from embedkit.evaluation.offline import ensure_offline, is_offline
 from embedkit.evaluation.report import RUN_FILE, average, load_run, write_summary
-from embedkit.evaluation.tasks import LocalTask, check_unique, find_tasks, suggest, to_mteb_task
+from embedkit.evaluation.tasks import LocalTask, check_unique, find_tasks, read_task_rows, suggest, to_mteb_task
 from embedkit.io import atomic_path, atomic_write_text, child_path, safe_name
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ class EvalTask:
 
 
 def local_eval_task(task: LocalTask, data_dir: Path | None = None) -> EvalTask:
+    """A local task folder made ready to run; every row is read and checked here, before any model loads."""
+    read_task_rows(task)
     checksum = task.checksum()
     source = str(task.path)
     if data_dir is not None:

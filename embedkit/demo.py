@@ -48,21 +48,47 @@ def baselines(model: str, data_dir: Path, echo: Callable[[str], None], dtype: st
     return scores
 
 
+def check_demo_inputs(spec, data_dir: Path, train: bool) -> None:
+    """Everything the demo will read, checked before the first model loads: the STS-B and MSMARCO-5k task
+    folders (every row) and the recipe's training data (or, without training, the saved embedder). Otherwise a
+    missing file is found only after minutes of baselines or training."""
+    from embedkit.embedder import CONFIG_FILE  # noqa: PLC0415
+    from embedkit.evaluation.tasks import read_task, read_task_rows  # noqa: PLC0415
+    from embedkit.train.trainer import check_data  # noqa: PLC0415
+
+    problems = []
+    for folder in (data_dir / STS_TASK, data_dir / RETRIEVAL_TASK):
+        try:
+            read_task_rows(read_task(folder))
+        except (ValueError, OSError) as err:
+            problems.append(str(err).strip())
+    if train:
+        try:
+            check_data(spec)
+        except ValueError as err:
+            problems.append(" ".join(str(err).split()))
+    elif not (Path(spec.output_dir) / "final" / CONFIG_FILE).is_file():
+        problems.append(f"--no-train needs a trained embedder in {Path(spec.output_dir) / 'final'}; train first.")
+    if problems:
+        raise ValueError("The demo cannot run (nothing was loaded yet): " + " | ".join(problems))
+
+
 def run_demo(data: str | os.PathLike | None = None, recipe: str | os.PathLike = DEFAULT_RECIPE,
              overrides: Sequence[str] = (), *, train: bool = True, with_baselines: bool = True,
              echo: Callable[[str], None] = print) -> dict:
     """Run every stage of the main job and return its figures (also echoed as it goes)."""
     from embedkit.embedder import Embedder  # noqa: PLC0415
     from embedkit.evaluation.harness import evaluate_model  # noqa: PLC0415
+    from embedkit.evaluation.retrieval import evaluate_retrieval  # noqa: PLC0415
     from embedkit.evaluation.sts import sts_spearman  # noqa: PLC0415
     from embedkit.index import Index  # noqa: PLC0415
-    from embedkit.retrieval import evaluate_retrieval  # noqa: PLC0415
     from embedkit.train import load_recipe, run_recipe  # noqa: PLC0415
 
     data_dir = find_data_dir(data)
     overrides = [f"data_dir={data_dir}", *overrides]
     spec = load_recipe(recipe, overrides)
     out = Path(spec.output_dir)
+    check_demo_inputs(spec, data_dir, train)
     figures: dict = {"recipe": str(recipe), "data": str(data_dir)}
     echo(f"[1/5] untrained {spec.model.base}: STS-B test (data {data_dir})")
     figures["baselines"] = baselines(spec.model.base, data_dir, echo) if with_baselines else {}

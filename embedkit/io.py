@@ -73,6 +73,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
+def read_json(path: str | os.PathLike) -> Any | None:
+    """A JSON file's content, or None if it is missing or unreadable (a torn write cannot happen: writes are
+    atomic, so None means "not written yet" or "not ours", and callers decide which)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     """``np.save`` to ``path`` atomically (never pickled: object arrays are refused)."""
     array = np.asarray(array)

@@ -201,3 +201,62 @@ def test_float16_query_role_and_instruction(tmp_path, embedder, texts):
         encode_corpus(e, [tmp_path / "nope.jsonl"], tmp_path / "bad")
     custom = encode_corpus(e, [corpus], tmp_path / "fields", reader=ReaderOptions(title_field=None))
     assert custom.count == 5
+
+
+def test_same_size_edit_with_restored_mtime_is_a_changed_input(tmp_path, embedder, texts):
+    """Issue 15, 2.3: the input fingerprint covers content, so old vectors never stand for edited texts."""
+    corpus = _corpus(tmp_path, texts[:6])
+    assert encode_corpus(embedder, [corpus], tmp_path / "out", shard_size=4).complete
+    stat = corpus.stat()
+    data = corpus.read_text(encoding="utf-8")
+    edited = data.replace(texts[2], texts[2][::-1], 1)
+    assert edited != data and len(edited.encode()) == stat.st_size
+    corpus.write_text(edited, encoding="utf-8")
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert corpus.stat().st_size == stat.st_size and corpus.stat().st_mtime_ns == stat.st_mtime_ns
+    with pytest.raises(ValueError, match=r"already holds a different encode job.*input: the folder was encoded "
+                                         r"from .*corpus\.jsonl with other contents"):
+        encode_corpus(embedder, [corpus], tmp_path / "out", shard_size=4)
+
+
+def test_a_second_encode_into_the_same_folder_is_refused_while_the_first_runs(tmp_path, embedder, texts):
+    """Issue 15, 2.4: one encode per output folder on one host (an advisory lock); ranks keep their split."""
+    from embedkit.corpus.lock import encode_lock
+
+    corpus = _corpus(tmp_path, texts[:6])
+    with encode_lock(tmp_path / "out"):  # what a running encode holds
+        with pytest.raises(ValueError, match=rf"Output folder .*out is being written by another encode \(pid "
+                                             rf"{os.getpid()}\); wait for it or choose another --output\."):
+            encode_corpus(embedder, [corpus], tmp_path / "out", shard_size=4)
+        assert not list((tmp_path / "out").glob("*.json"))  # refused before it wrote anything
+        ranked = encode_corpus(embedder, [corpus], tmp_path / "out", shard_size=4, rank=1, world_size=2)
+        assert ranked.shards_written == [1]  # torchrun ranks do not take the lock
+    done = encode_corpus(embedder, [corpus], tmp_path / "out", shard_size=4)  # the lock is free again
+    assert done.complete and done.shards_kept == [1] and done.shards_written == [0]
+
+
+def test_failed_first_run_leaves_no_folder_and_bad_batch_size_is_refused(tmp_path, embedder, texts):
+    corpus = _corpus(tmp_path, texts[:3])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match="The input has no rows"):
+        encode_corpus(embedder, [empty], tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    for bad in (0, -3):  # issue 15, 2.12: a batch size of 0 was accepted
+        with pytest.raises(ValueError, match=rf"batch size must be at least 1, got {bad}: give a positive "
+                                             "--batch-size, or leave it unset"):
+            encode_corpus(embedder, [corpus], tmp_path / "out", batch_size=bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_batch_size_zero_in_one_line_before_the_model_loads(tmp_path, texts):
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    corpus = _corpus(tmp_path, texts[:3])
+    result = CliRunner().invoke(app, ["encode", str(tmp_path / "no-such-model"), "-i", str(corpus), "-o",
+                                      str(tmp_path / "out"), "--batch-size", "0"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["error: batch size must be at least 1, got 0: give a positive "
+                                                  "--batch-size, or leave it unset for the model's own."]

@@ -87,3 +87,30 @@ def test_bad_rows_and_files_are_named(tmp_path):
         list(read_records([header]))
     with pytest.raises(ValueError, match="No input files"):
         list(read_records([]))
+
+
+@pytest.mark.parametrize(("name", "good", "bad"), [
+    ("c.jsonl", b'{"text": "fine"}\n', b'{"text": "caf\xe9"}\n'),
+    ("c.txt", b"fine\n", b"caf\xe9\n"),
+    ("c.csv", b"text\nfine\n" + b"more\n" * 3000, b"caf\xe9\n"),  # past the first decoded block
+])
+def test_non_utf8_input_names_file_and_line(tmp_path, name, good, bad):
+    """Issue 15, 2.8: not "'utf-8' codec can't decode byte 0xe9 in position 883" but the file and line."""
+    path = tmp_path / name
+    path.write_bytes(good + bad)
+    line = (good + bad).count(b"\n")
+    with pytest.raises(ValueError, match=rf"c\.{path.suffix[1:]}:{line}: not valid UTF-8 \(byte 0xe9 at column "
+                                         r"\d+\); re-save the file as UTF-8\."):
+        list(read_records([path]))
+
+
+def test_null_text_is_an_error_but_a_null_title_is_no_title(tmp_path):
+    """Issue 15, 2.12: a "text": null row was silently skipped as empty; non-string text is an error."""
+    path = _write_jsonl(tmp_path / "n.jsonl", [{"_id": "a", "title": None, "text": "kept"},
+                                                {"_id": "b", "text": None}])
+    with pytest.raises(ValueError, match=r"n\.jsonl:2: field 'text' is null, not a string: give text \(an empty "
+                                         r"string is skipped and counted\)"):
+        list(read_records([path]))
+    assert next(iter(read_records([path]))).text == "kept"
+    empty = _write_jsonl(tmp_path / "e.jsonl", [{"text": ""}, {"text": "x"}])
+    assert [r.empty for r in read_records([empty])] == [True, False]  # empty strings: skipped/--strict as before

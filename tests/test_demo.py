@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from embedkit.demo import DEFAULT_RECIPE, run_demo
 
 
@@ -21,3 +23,26 @@ def test_demo_end_to_end_on_stories(stories_path, data_dir, tmp_path):
     # the MTEB evaluator and our own STS scorer agree on the trained model
     assert abs(figures["mteb"]["STSBenchmark"] - figures["after"]) < 0.01
     assert (tmp_path / "run" / "final" / "embedkit.json").is_file()
+
+
+def test_missing_data_is_found_before_any_model_loads(tmp_path, data_dir, monkeypatch):
+    """Issue 15, 2.11: training data and MSMARCO were checked only after minutes of baselines / training."""
+    import embedkit.backbone
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(embedkit.backbone, "load_backbone", no_model)
+    partial = tmp_path / "data"
+    (partial / "sts").mkdir(parents=True)
+    (partial / "README.md").write_text("a data folder without retrieval tasks or training data\n")
+    (partial / "sts" / "STSBenchmark").symlink_to(data_dir / "sts" / "STSBenchmark")
+    with pytest.raises(ValueError) as err:
+        run_demo(partial, DEFAULT_RECIPE, [f"output_dir={tmp_path / 'run'}"], echo=lambda line: None)
+    message = str(err.value)
+    assert message.startswith("The demo cannot run (nothing was loaded yet): Task folder ")
+    assert "retrieval/MSMARCO-5k does not exist" in message
+    assert "Data file 'unlabeled/WikiText2/sentences.txt' not found" in message
+    assert "STSBenchmark" not in message  # present and sound
+    with pytest.raises(ValueError, match=r"--no-train needs a trained embedder in .*run/final"):
+        run_demo(data_dir, DEFAULT_RECIPE, [f"output_dir={tmp_path / 'run'}"], train=False, echo=lambda line: None)

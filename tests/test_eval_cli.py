@@ -108,6 +108,24 @@ def test_bad_task_json_is_one_line(tmp_path):
     _one_line_error(_eval(str(STORIES), "--task-dir", str(folder)), "unknown task type; valid: sts, retrieval")
 
 
+def test_unsafe_task_name_is_one_line(tmp_path):
+    folder = make_sts(tmp_path)
+    (folder / "task.json").write_text(json.dumps({"name": "../../x", "type": "sts", "min_score": 0, "max_score": 5}))
+    _one_line_error(_eval(str(STORIES), "--task-dir", str(folder), "--output", str(tmp_path / "out")),
+                    "task.json: field 'name': task name '../../x' is not a safe file name")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_rows_fail_before_the_model_loads(tmp_path):
+    """docs/evaluation.md: rows are checked before any model loads (the model here does not even exist)."""
+    folder = make_sts(tmp_path)
+    with (folder / "test.jsonl").open("a") as handle:
+        handle.write(json.dumps({"sentence1": "x", "sentence2": "y", "score": "high"}) + "\n")
+    line = _one_line_error(_eval(str(tmp_path / "no-such-model"), "--task-dir", str(folder)),
+                           "TinySTS/test.jsonl:13: field 'score' is 'high', not a number")
+    assert "could not load model" not in line
+
+
 def test_model_that_does_not_load_is_one_line(tmp_path):
     make_sts(tmp_path)
     _one_line_error(_eval(str(tmp_path / "no-such-model"), "--task-dir", str(tmp_path)),

@@ -87,6 +87,18 @@ def test_results_on_disk(tmp_path):
     assert not [p for p in out.rglob(".*")]  # no temp files left behind
 
 
+def test_a_task_name_cannot_write_outside_the_output_folder(tmp_path):
+    """Issue 15, 2.1 at the writer: even a task built in Python (not read from task.json) cannot escape OUTPUT."""
+    make_sts(tmp_path / "data")
+    [task] = _tasks(tmp_path / "data")
+    for name in ("../../escaped", str(tmp_path / "abs")):
+        task.name = name
+        with pytest.raises(ValueError, match="task name .* is not a safe file name"):
+            evaluate(EmbedkitEncoder(FakeModel().loaded), [task], tmp_path / "out" / "run")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*escaped*"))
+    assert not (tmp_path / "abs.json").exists()
+
+
 def test_instructions_route_by_task_and_role(tmp_path):
     make_sts(tmp_path)
     make_retrieval(tmp_path)
@@ -196,9 +208,9 @@ def test_minilm_reproduces_its_known_sts_b_score(no_network, tmp_path):
 
     Slow: ~1.5-3 min on this shared 2-core machine (2758 sentences through MiniLM)."""
     from embedkit.datasets import find_data_dir
-    from embedkit.evaluation.mteb_model import load_model
+    from embedkit.evaluation.mteb_model import open_eval_model
     from embedkit.evaluation.tasks import read_task
 
     task = local_eval_task(read_task(find_data_dir() / "sts" / "STSBenchmark"))
-    run = evaluate(EmbedkitEncoder(load_model("all-MiniLM-L6-v2")), [task], tmp_path)
+    run = evaluate(EmbedkitEncoder(open_eval_model("all-MiniLM-L6-v2")), [task], tmp_path)
     assert 100 * run["tasks"][0]["score"] == pytest.approx(82.03, abs=0.2)

@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 from test_eval_helpers import make_all, make_classification, make_clustering, make_retrieval, make_sts, write_task
 
+from embedkit.datasets import read_sts
+from embedkit.evaluation.task_sets import read_task_set
 from embedkit.evaluation.tasks import (
     TaskFolderError,
     find_tasks,
     folder_checksum,
     read_task,
-    read_task_set,
+    read_task_rows,
     suggest,
     to_mteb_task,
 )
@@ -57,6 +59,17 @@ def test_bad_fields_name_the_field(tmp_path, change, message):
         read_task(folder)
 
 
+@pytest.mark.parametrize("name", ["/abs/x", "../../x", "a/b", ".hidden"])
+def test_task_names_that_are_not_file_names_are_refused(tmp_path, name):
+    """Issue 15, 2.1: results are written as OUTPUT/mteb/<name>.json, so a name must not leave OUTPUT/mteb."""
+    folder = make_sts(tmp_path)
+    info = json.loads((folder / "task.json").read_text())
+    (folder / "task.json").write_text(json.dumps({**info, "name": name}))
+    with pytest.raises(TaskFolderError, match=r"TinySTS/task\.json: field 'name': task name .* is not a safe file "
+                                              r"name: use letters, digits"):
+        read_task(folder)
+
+
 def test_unknown_type_lists_valid_types_and_a_near_match(tmp_path):
     folder = write_task(tmp_path / "X", {"name": "X", "type": "clusterin"})
     with pytest.raises(TaskFolderError) as err:
@@ -87,6 +100,23 @@ def test_row_without_a_field_names_file_and_row(tmp_path):
     task = to_mteb_task(read_task(folder))
     with pytest.raises(TaskFolderError, match=r"TinyIntents/test\.jsonl: row 10 lacks field\(s\) \['label'\]"):
         task.load_data()
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"sentence1": "a cat", "sentence2": "a dog", "score": "high"}, r"field 'score' is 'high', not a number"),
+    ({"sentence1": "", "sentence2": "a dog", "score": 1.0}, r"field 'sentence1' is empty; every STS row needs two "
+                                                            r"non-empty sentences"),
+    ({"sentence1": "a cat", "sentence2": None, "score": 1.0}, r"field 'sentence2' is NoneType"),
+])
+def test_bad_sts_rows_name_file_line_and_field(tmp_path, row, message):
+    """Issue 15, 2.8: an STS row with "score": "high" or an empty sentence names the file, line and field."""
+    folder = make_sts(tmp_path)
+    with (folder / "test.jsonl").open("a") as handle:
+        handle.write("\n" + json.dumps(row) + "\n")  # a blank line: the line number is 14, the row number 13
+    with pytest.raises(TaskFolderError, match=r"TinySTS/test\.jsonl:14: " + message):
+        read_task_rows(read_task(folder))
+    with pytest.raises(ValueError, match=r"TinySTS/test\.jsonl:14: " + message):
+        read_sts(tmp_path, task="TinySTS")
 
 
 def test_bad_qrels_header_and_unknown_document(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from embedkit import Embedder
-from embedkit.retrieval import evaluate_retrieval, ndcg_at_k, read_qrels, recall_at_k, score_run
+from embedkit.evaluation.retrieval import evaluate_retrieval, ndcg_at_k, read_qrels, recall_at_k, score_run
 
 REPO = Path(__file__).resolve().parent.parent
 STORIES = REPO.parent / "shared" / "models" / "stories260K"

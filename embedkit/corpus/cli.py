@@ -51,11 +51,12 @@ def encode(
     base = _helpers()
 
     def body():
-        from embedkit.corpus.encode import distributed_rank, encode_corpus  # noqa: PLC0415
+        from embedkit.corpus.encode import check_encode_options, distributed_rank, encode_corpus  # noqa: PLC0415
         from embedkit.corpus.manifest import shard_name  # noqa: PLC0415
         from embedkit.corpus.readers import ReaderOptions, check_inputs  # noqa: PLC0415
 
-        check_inputs(inputs)  # fail on a missing file before loading the model
+        check_inputs(inputs)  # fail on a missing file or a bad option before loading the model
+        check_encode_options(vector_dtype, shard_size, batch_size)
         rank, world = distributed_rank()
         prefix = f"[rank {rank}/{world}] " if world > 1 else ""
         embedder = base.open_embedder(model, attention, pooling, dtype, max_length)

@@ -9,35 +9,35 @@ last, so after a kill -9 a rerun keeps the verified shards and encodes the rest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
-from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from embedkit.corpus.job import JobOptions, describe_job
+from embedkit.corpus.lock import LOCK_FILE, encode_lock
 from embedkit.corpus.manifest import (
-    FORMAT,
-    FORMAT_VERSION,
     JOB_FILE,
     MANIFEST_FILE,
     SHARDS_DIR,
     VECTOR_DTYPES,
     job_key,
-    read_json,
     shard_name,
     shard_paths,
     shard_problem,
 )
-from embedkit.corpus.readers import ReaderOptions, Record, check_inputs, input_format, read_records
+from embedkit.corpus.readers import ReaderOptions, Record, check_inputs, read_records
 from embedkit.io import (
     atomic_save_npy,
     atomic_write_json,
     atomic_write_text,
+    read_json,
     remove_stale_temps,
     sha256_file,
 )
@@ -45,7 +45,6 @@ from embedkit.io import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 10_000
-ROLES = ("document", "query")
 
 
 @dataclass
@@ -82,83 +81,6 @@ def distributed_rank() -> tuple[int, int]:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"Bad distributed environment RANK={rank} WORLD_SIZE={world}.")
     return rank, world
-
-
-def resolve_instruction(embedder, role: str | None, instruction: str | None) -> str | None:
-    """An explicit instruction wins; else the embedder's instruction for the role (documents by default)."""
-    if role is not None and role not in ROLES:
-        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}.")
-    if instruction is not None:
-        return instruction or None
-    cfg = embedder.config
-    return cfg.query_instruction if role == "query" else cfg.document_instruction
-
-
-def model_spec_for(spec: str | os.PathLike | None, embedder) -> str:
-    """How to load the model again later (an absolute path for local folders/files, else the spec)."""
-    spec = str(spec) if spec is not None else embedder.config.backbone
-    path = Path(spec).expanduser()
-    return str(path.resolve()) if path.exists() else spec
-
-
-def describe_inputs(paths: Sequence[Path], previous: list[dict] | None) -> list[dict]:
-    """Size, mtime and SHA-256 of every input; the hash of an unchanged file (same size and mtime) is reused."""
-    known = {(p["path"], p["size"], p["mtime_ns"]): p["sha256"] for p in previous or []}
-    out = []
-    for path in paths:
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        digest = known.get(key) or sha256_file(path)
-        out.append({"path": key[0], "format": input_format(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                    "sha256": digest})
-    return out
-
-
-def scan(paths: Sequence[Path], options: ReaderOptions, strict: bool) -> dict:
-    """Read every row once before encoding, so bad input fails in seconds, not after hours: parse errors, a
-    missing text field, empty texts under ``strict``, repeated ids. Memory: 8 bytes per row (id hashes)."""
-    hashes = array("q")
-    rows = empty = 0
-    for record in read_records(paths, options):
-        if record.empty:
-            if strict:
-                raise ValueError(f"{record.where}: empty text (id {record.id!r}); remove the row, or drop --strict "
-                                 "to skip and count empty rows.")
-            empty += 1
-        hashes.append(hash(record.id))
-        rows += 1
-    if rows == 0:
-        raise ValueError("The input has no rows: " + ", ".join(map(str, paths)) + ".")
-    if rows == empty:
-        raise ValueError(f"All {rows} rows have empty text: check --text-field (now {options.text_field!r}).")
-    ordered = np.sort(np.frombuffer(hashes, dtype=np.int64))
-    suspects = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
-    if suspects:
-        seen: dict[str, str] = {}
-        for record in read_records(paths, options):
-            if hash(record.id) in suspects:
-                if record.id in seen:
-                    raise ValueError(f"Id {record.id!r} repeats: {seen[record.id]} and {record.where}. Ids must be "
-                                     "unique: fix the data, or leave --id-field unset to number rows instead.")
-                seen[record.id] = record.where
-    return {"rows": rows, "empty": empty}
-
-
-def _differences(old: dict, new: dict) -> list[str]:
-    out = []
-    if old["model"]["fingerprint"] != new["model"]["fingerprint"]:
-        out.append(f"model: the folder has {old['model']['spec']} (fingerprint {old['model']['fingerprint']}), this "
-                   f"run uses {new['model']['spec']} (fingerprint {new['model']['fingerprint']})")
-    old_in = [(i["size"], i["sha256"]) for i in old["inputs"]]
-    new_in = [(i["size"], i["sha256"]) for i in new["inputs"]]
-    if old_in != new_in:
-        out.append("input: the folder was encoded from " + ", ".join(i["path"] for i in old["inputs"])
-                   + " with other contents than " + ", ".join(i["path"] for i in new["inputs"]) + " now")
-    for section in ("reader", "options"):
-        for key in sorted(set(old[section]) | set(new[section])):
-            if old[section].get(key) != new[section].get(key):
-                out.append(f"{key}: {old[section].get(key)!r} before, {new[section].get(key)!r} now")
-    return out
 
 
 class _ShardWriter:
@@ -233,6 +155,18 @@ def _merge(folder: Path, job: dict, key: str) -> dict | None:
     return manifest
 
 
+def check_encode_options(vector_dtype: str = "float32", shard_size: int = DEFAULT_SHARD_SIZE,
+                         batch_size: int | None = None) -> None:
+    """Refuse impossible options with one line (the CLI calls this before the model loads)."""
+    if vector_dtype not in VECTOR_DTYPES:
+        raise ValueError(f"vector dtype must be one of {', '.join(VECTOR_DTYPES)}, got {vector_dtype!r}.")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}.")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch size must be at least 1, got {batch_size!r}: give a positive --batch-size, or "
+                         "leave it unset for the model's own.")
+
+
 def encode_corpus(
     embedder,
     inputs: Sequence[str | os.PathLike],
@@ -255,106 +189,111 @@ def encode_corpus(
 
     ``role`` picks the embedder's document (default) or query instruction; ``instruction`` overrides it.
     ``rank``/``world_size`` default to torchrun's environment. A folder holding another model's or input's
-    vectors is refused; a finished one is verified and left alone.
+    vectors is refused; a finished one is verified and left alone. A single process holds the folder's
+    encode lock (``corpus/lock.py``) for the whole run; torchrun ranks split the shards instead.
     """
     start = time.perf_counter()
-    if vector_dtype not in VECTOR_DTYPES:
-        raise ValueError(f"vector dtype must be one of {', '.join(VECTOR_DTYPES)}, got {vector_dtype!r}.")
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be at least 1, got {shard_size}.")
+    check_encode_options(vector_dtype, shard_size, batch_size)
     if rank is None or world_size is None:
         rank, world_size = distributed_rank()
     paths = check_inputs(inputs)
-    reader = reader or ReaderOptions()
     folder = Path(output)
-    normalize = embedder.config.normalize if normalize is None else bool(normalize)
+    _refuse_foreign(folder)
+    options = JobOptions(model_spec, reader or ReaderOptions(), role, instruction, normalize, vector_dtype,
+                       shard_size, batch_size, strict)
+    created = not folder.exists()
+    try:
+        with encode_lock(folder) if world_size == 1 else contextlib.nullcontext():
+            result = _encode(embedder, paths, folder, options, rank, world_size, on_shard)
+    except BaseException:
+        if created:
+            _remove_if_only_lock(folder)
+        raise
+    result.seconds = time.perf_counter() - start
+    return result
 
-    previous = read_json(folder / JOB_FILE)
-    if previous is None and folder.exists():
-        if not folder.is_dir():
-            raise ValueError(f"Output {folder} exists and is not a folder: choose another --output.")
-        if any(p.name != SHARDS_DIR for p in folder.iterdir()):
-            raise ValueError(f"Output folder {folder} is not empty and holds no embedkit job ({JOB_FILE}): "
-                             "choose a new or empty --output folder.")
-    job = {
-        "format": FORMAT, "version": FORMAT_VERSION,
-        "model": {"spec": model_spec_for(model_spec, embedder), "fingerprint": embedder.fingerprint(),
-                  "config": embedder.config.to_dict()},
-        "dimension": embedder.dimension,
-        "dtype": vector_dtype,
-        "normalized": normalize,
-        "metric": "ip" if normalize else "l2",
-        "pooling": embedder.config.pooling,
-        "attention": embedder.config.attention,
-        "inputs": describe_inputs(paths, previous["inputs"] if previous else None),
-        "reader": reader.to_dict(),
-        "options": {"role": role or "document", "instruction": resolve_instruction(embedder, role, instruction),
-                    "normalize": normalize, "vector_dtype": vector_dtype, "shard_size": shard_size},
-        "strict": strict,  # not part of the identity: it only decides whether empty rows are errors
-    }
-    if previous is not None:
-        problems = _differences(previous, job)
-        if problems:
-            raise ValueError(f"Output folder {folder} already holds a different encode job; refusing to mix "
-                             "vectors. Differences: " + "; ".join(problems) + ". Use a new --output folder, or "
-                             "delete this one to start over.")
-        job["rows"], job["empty_rows"], job["n_shards"] = previous["rows"], previous["empty_rows"], previous["n_shards"]
-        if strict and job["empty_rows"]:
-            raise ValueError(f"--strict: the input has {job['empty_rows']} empty rows (an earlier run without "
-                             f"--strict skipped them; their ids are in {folder}/shards/*.json).")
-    else:
-        counts = scan(paths, reader, strict)
-        job["rows"], job["empty_rows"] = counts["rows"], counts["empty"]
-        job["n_shards"] = -(-counts["rows"] // shard_size)
+
+def _refuse_foreign(folder: Path) -> None:
+    """An existing output must be a folder holding an embedkit job, or empty (never someone else's files)."""
+    if not folder.exists() or (folder / JOB_FILE).is_file():
+        return
+    if not folder.is_dir():
+        raise ValueError(f"Output {folder} exists and is not a folder: choose another --output.")
+    if any(p.name not in (SHARDS_DIR, LOCK_FILE) for p in folder.iterdir()):
+        raise ValueError(f"Output folder {folder} is not empty and holds no embedkit job ({JOB_FILE}): "
+                         "choose a new or empty --output folder.")
+
+
+def _remove_if_only_lock(folder: Path) -> None:
+    """A run that failed before writing anything leaves no folder behind (only its lock file would be there)."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+            (folder / LOCK_FILE).unlink()
+            folder.rmdir()
+
+
+def _already_complete(folder: Path, key: str, result: EncodeResult) -> bool:
+    """True (result filled in) if the folder's manifest is this job's and every shard verifies; a manifest
+    with a bad shard is removed so the shard is encoded again."""
+    manifest = read_json(folder / MANIFEST_FILE)
+    if manifest is None or manifest.get("job") != key:
+        return False
+    bad = [(m["shard"], p) for m in manifest["shards"] if (p := shard_problem(folder, m))]
+    if not bad:
+        result.count, result.skipped_empty = manifest["count"], manifest["skipped_empty"]
+        result.complete = result.already_complete = True
+        result.shards_kept = [m["shard"] for m in manifest["shards"]]
+        return True
+    for number, problem in bad:
+        logger.warning("Finished folder has a bad shard %s (%s): encoding it again.", shard_name(number), problem)
+    (folder / MANIFEST_FILE).unlink(missing_ok=True)
+    return False
+
+
+def _encode(embedder, paths: list[Path], folder: Path, o: JobOptions, rank: int, world_size: int,
+            on_shard: Callable[[int, dict], None] | None) -> EncodeResult:
+    job, previous = describe_job(embedder, paths, folder, o)
     key = job_key(job)
     if previous != job:
         atomic_write_json(folder / JOB_FILE, job)  # every process writes the same content; rename is atomic
     (folder / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
     result = EncodeResult(folder, job["rows"], job["n_shards"])
-
-    manifest = read_json(folder / MANIFEST_FILE)
-    if manifest is not None and manifest.get("job") == key:
-        bad = [(m["shard"], p) for m in manifest["shards"] if (p := shard_problem(folder, m))]
-        if not bad:
-            result.count, result.skipped_empty = manifest["count"], manifest["skipped_empty"]
-            result.complete = result.already_complete = True
-            result.shards_kept = [m["shard"] for m in manifest["shards"]]
-            return result
-        for number, problem in bad:
-            logger.warning("Finished folder has a bad shard %s (%s): encoding it again.", shard_name(number), problem)
-        (folder / MANIFEST_FILE).unlink(missing_ok=True)
-
-    mine = [n for n in range(job["n_shards"]) if n % world_size == rank]
+    if _already_complete(folder, key, result):
+        return result
     todo = set()
-    for number in mine:
+    for number in range(rank, job["n_shards"], world_size):
         if _finished_shard(folder, number, key) is not None:
             result.shards_kept.append(number)
         else:
             todo.add(number)
     if todo:
-        writer = _ShardWriter(embedder, folder, job, key, batch_size)
-        current: int | None = None
-        pending: list[Record] = []
-        for record in read_records(paths, reader):
-            number = record.row // shard_size
-            if number != current:
-                if pending:
-                    _write_shard(writer, current, pending, result, on_shard)
-                current, pending = number, []
-            if number in todo:
-                pending.append(record)
-        if pending:
-            _write_shard(writer, current, pending, result, on_shard)
-        missing = todo - set(result.shards_written)
-        if missing:
-            raise ValueError(f"The input now has fewer rows than when this job started (shards {sorted(missing)} "
-                             "got no rows): the input changed; start over in a new --output folder.")
+        _encode_shards(_ShardWriter(embedder, folder, job, key, o.batch_size), paths, o, todo, result, on_shard)
     manifest = _merge(folder, job, key)
     if manifest is not None:
         result.complete = True
         result.count, result.skipped_empty = manifest["count"], manifest["skipped_empty"]
-    result.seconds = time.perf_counter() - start
     return result
+
+
+def _encode_shards(writer: _ShardWriter, paths: list[Path], o: JobOptions, todo: set[int], result: EncodeResult,
+                   on_shard: Callable[[int, dict], None] | None) -> None:
+    """One streaming pass over the input, encoding the rows of the shards in ``todo``."""
+    current: int | None = None
+    pending: list[Record] = []
+    for record in read_records(paths, o.reader):
+        number = record.row // o.shard_size
+        if number != current:
+            if pending:
+                _write_shard(writer, current, pending, result, on_shard)
+            current, pending = number, []
+        if number in todo:
+            pending.append(record)
+    if pending:
+        _write_shard(writer, current, pending, result, on_shard)
+    missing = todo - set(result.shards_written)
+    if missing:
+        raise ValueError(f"The input now has fewer rows than when this job started (shards {sorted(missing)} "
+                         "got no rows): the input changed; start over in a new --output folder.")
 
 
 def _write_shard(writer: _ShardWriter, number: int, records: list[Record], result: EncodeResult,

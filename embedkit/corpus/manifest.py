@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedkit.io import sha256_file
+from embedkit.io import read_json, sha256_file
 
 FORMAT = "embedkit-vectors"
 FORMAT_VERSION = 1
@@ -47,14 +47,6 @@ def job_key(job: dict) -> str:
     identity["inputs"] = [{"sha256": i["sha256"], "size": i["size"]} for i in job["inputs"]]
     identity["model"] = {"fingerprint": job["model"]["fingerprint"]}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def read_json(path: Path) -> dict | None:
-    """A JSON file, or None if it is missing or unreadable (a torn write cannot happen: writes are atomic)."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def shard_problem(folder: Path, meta: dict, check_sums: bool = True) -> str | None:

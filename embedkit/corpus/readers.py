@@ -14,6 +14,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from embedkit.io import iter_text_lines
+
 FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".txt": "txt"}
 BEIR_ID_FIELD = "_id"
 
@@ -71,13 +73,15 @@ def check_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def _as_text(value, field: str, where: str) -> str:
-    if value is None:
+def _as_text(value, field: str, where: str, null_ok: bool = False) -> str:
+    """A text cell; null is "" only where allowed (a missing title), a null text is an error like any non-string."""
+    if value is None and null_ok:
         return ""
     if isinstance(value, str):
         return value
-    raise ValueError(f"{where}: field {field!r} is {type(value).__name__}, not a string: give text, "
-                     "or pick another column with --text-field.")
+    kind = "null" if value is None else type(value).__name__
+    raise ValueError(f"{where}: field {field!r} is {kind}, not a string: give text (an empty string is skipped "
+                     "and counted), or pick another column with --text-field.")
 
 
 def _as_id(value, field: str, where: str) -> str:
@@ -93,9 +97,11 @@ def _as_id(value, field: str, where: str) -> str:
 class _RowMaker:
     """Turns one parsed row (a dict) into a Record according to the options."""
 
-    def __init__(self, options: ReaderOptions, path: Path, first_row: dict | None, columns: Sequence[str] = ()):
+    def __init__(self, options: ReaderOptions, path: Path, first_row: dict | None, columns: Sequence[str] = (),
+                 null_text_ok: bool = False):
         self.o = options
         self.path = path
+        self.null_text_ok = null_text_ok  # parquet: a null cell is a missing value (empty); JSON null is an error
         keys = set(columns) | set(first_row or {})
         self.id_field = options.id_field or (BEIR_ID_FIELD if BEIR_ID_FIELD in keys else None)
         self.columns = sorted(keys)
@@ -107,9 +113,9 @@ class _RowMaker:
         if o.text_field not in row:
             raise ValueError(f"{where}: row has no {o.text_field!r} field (fields: {', '.join(sorted(row)) or '-'});"
                              " name the text column with --text-field.")
-        text = _as_text(row[o.text_field], o.text_field, where)
+        text = _as_text(row[o.text_field], o.text_field, where, null_ok=self.null_text_ok)
         if o.title_field and o.title_field in row:
-            title = _as_text(row[o.title_field], o.title_field, where)
+            title = _as_text(row[o.title_field], o.title_field, where, null_ok=True)
             if title.strip():
                 text = title + o.title_separator + text if text.strip() else title
         if self.id_field is None:
@@ -125,22 +131,30 @@ class _RowMaker:
 def _read_jsonl(path: Path, options: ReaderOptions, start: int) -> Iterator[Record]:
     maker = None
     number = start
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg}); fix or remove the line.") from None
-            if maker is None:
-                maker = _RowMaker(options, path, row if isinstance(row, dict) else None)
-            yield maker.make(row, number, where)
-            number += 1
+    for line_no, line in iter_text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err.msg}); fix or remove the line.") from None
+        if maker is None:
+            maker = _RowMaker(options, path, row if isinstance(row, dict) else None)
+        yield maker.make(row, number, where)
+        number += 1
 
 
 def _read_delimited(path: Path, options: ReaderOptions, start: int, delimiter: str) -> Iterator[Record]:
+    try:
+        yield from _read_delimited_rows(path, options, start, delimiter)
+    except UnicodeDecodeError:  # the text layer decodes in blocks, so it cannot say which line: find it
+        for _ in iter_text_lines(path):
+            pass
+        raise
+
+
+def _read_delimited_rows(path: Path, options: ReaderOptions, start: int, delimiter: str) -> Iterator[Record]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE  # TSV: tabs separate, quotes are text
     number = start
@@ -167,10 +181,9 @@ def _read_delimited(path: Path, options: ReaderOptions, start: int, delimiter: s
 
 def _read_txt(path: Path, start: int) -> Iterator[Record]:
     number = start
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            yield Record(number, str(number), line.rstrip("\r\n"), f"{path}:{line_no}")
-            number += 1
+    for line_no, line in iter_text_lines(path):
+        yield Record(number, str(number), line, f"{path}:{line_no}")
+        number += 1
 
 
 def _read_parquet(path: Path, options: ReaderOptions, start: int) -> Iterator[Record]:
@@ -185,7 +198,7 @@ def _read_parquet(path: Path, options: ReaderOptions, start: int) -> Iterator[Re
                          "text column with --text-field.")
     if options.id_field and options.id_field not in names:
         raise ValueError(f"{path}: no id column {options.id_field!r} (columns: {', '.join(names)}).")
-    maker = _RowMaker(options, path, None, names)
+    maker = _RowMaker(options, path, None, names, null_text_ok=True)
     wanted = [c for c in (options.text_field, maker.id_field, options.title_field) if c and c in names]
     number = start
     in_file = 0

@@ -50,14 +50,16 @@ def _guard(body, debug: bool):
                          f" ({type(err).__name__}; rerun with --debug for the traceback)"))
 
 
-def _instructions(value: str | None):
-    from embedkit.evaluation.harness import EVAL_DIR  # noqa: PLC0415
-    from embedkit.evaluation.mteb_model import InstructionTable  # noqa: PLC0415
-
-    if value in (None, "", "none"):
-        return None
-    path = EVAL_DIR / "instructions.json" if value == "default" else Path(value)
-    return InstructionTable.load(path)
+def baselines_dir(explicit: Path | None) -> Path | None:
+    """Stored baseline results to compare with: ``--baselines``, else ``eval/results`` of the current folder or
+    of the source checkout this package runs from (an installed wheel has none: then no hint is printed)."""
+    if explicit is not None:
+        return explicit
+    checkout = Path(__file__).resolve().parents[2]
+    for root in (Path.cwd(), checkout):
+        if (root / "eval" / "results").is_dir() and (root / "pyproject.toml").is_file():
+            return root / "eval" / "results"
+    return None
 
 
 @eval_app.command("run")
@@ -66,8 +68,8 @@ def run(
                                               "or all-MiniLM-L6-v2.")],
     task_dir: Annotated[list[Path], typer.Option(help="Task folder, or a folder of task folders (repeatable).")]
     = None,
-    task_set: Annotated[str, typer.Option(help="Task set name in eval/tasksets/ (e.g. full) or a file listing "
-                                               "task folders relative to --data.")] = None,
+    task_set: Annotated[str, typer.Option(help="Shipped task set name (full, quick) or a file listing task "
+                                               "folders relative to --data.")] = None,
     tasks: Annotated[str, typer.Option(help="Standard mteb task names, comma-separated (needs their data).")]
     = None,
     data: Annotated[str, typer.Option(help="Data folder for --task-set (default ../shared/data).")] = None,
@@ -80,7 +82,7 @@ def run(
     max_length: Annotated[int, typer.Option(help="Max tokens per text.")] = None,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16.")] = "auto",
     instructions: Annotated[str, typer.Option(help="Per-task instruction table: none (model defaults), "
-                                                   "default (eval/instructions.json), or a JSON file.")] = "none",
+                                                   "default (the shipped table), or a JSON file.")] = "none",
     batch_size: Annotated[int, typer.Option(help="Max texts per forward pass (default: the model's own).")]
     = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads (1 is often fastest on a busy shared machine).")]
@@ -88,6 +90,9 @@ def run(
     compile_layers: Annotated[bool, typer.Option("--compile", help="torch.compile the decoder layers (embedkit "
                                                  "models): ~1 min to compile, then faster encoding.")] = False,
     rerun: Annotated[bool, typer.Option("--rerun", help="Rerun tasks even if stored results match.")] = False,
+    baselines: Annotated[Path, typer.Option(help="Folder of baseline results the run is shown beside (default: "
+                                                 "eval/results of the source checkout, when there is one).")]
+    = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Evaluate MODEL on local task folders (and/or standard mteb tasks) with mteb's evaluators."""
@@ -96,8 +101,9 @@ def run(
 
         ensure_offline()
         from embedkit.datasets import find_data_dir  # noqa: PLC0415
-        from embedkit.evaluation.harness import EVAL_DIR, local_eval_task, mteb_eval_tasks  # noqa: PLC0415
-        from embedkit.evaluation.tasks import find_tasks, read_task_set  # noqa: PLC0415
+        from embedkit.evaluation.harness import local_eval_task, mteb_eval_tasks  # noqa: PLC0415
+        from embedkit.evaluation.task_sets import read_task_set  # noqa: PLC0415
+        from embedkit.evaluation.tasks import find_tasks  # noqa: PLC0415
 
         if not (task_dir or task_set or tasks):
             raise ValueError("Nothing to evaluate: give --task-dir DIR, --task-set NAME or --tasks NAME,... "
@@ -110,7 +116,7 @@ def run(
             data_dir = None
         folders = list(task_dir or [])
         if task_set:
-            folders += read_task_set(task_set, data_dir, EVAL_DIR / "tasksets")
+            folders += read_task_set(task_set, data_dir)
         local = find_tasks(folders) if folders else []
         eval_tasks = [local_eval_task(t, data_dir) for t in local]
         if tasks:
@@ -121,18 +127,18 @@ def run(
         typer.echo(f"{len(eval_tasks)} task(s): {', '.join(t.name for t in eval_tasks)}")
 
         from embedkit.evaluation.harness import evaluate  # noqa: PLC0415
-        from embedkit.evaluation.mteb_model import EmbedkitEncoder, load_model  # noqa: PLC0415
+        from embedkit.evaluation.mteb_model import EmbedkitEncoder, load_instructions, open_eval_model  # noqa: PLC0415
         from embedkit.evaluation.report import pct, secs  # noqa: PLC0415
 
-        table = _instructions(instructions)
+        table = load_instructions(instructions)
         if threads:
             import torch  # noqa: PLC0415
 
             torch.set_num_threads(threads)
         start = time.perf_counter()
         try:
-            loaded = load_model(model, attention=attention, pooling=pooling, dtype=dtype, max_length=max_length,
-                                template=template, label=name)
+            loaded = open_eval_model(model, attention=attention, pooling=pooling, dtype=dtype,
+                                     max_length=max_length, template=template, label=name)
         except Exception as err:
             if debug:
                 raise
@@ -157,9 +163,9 @@ def run(
                               load_seconds=load_seconds, reuse=not rerun, on_task=show)
         typer.echo(f"  {'average':<58} {pct(run_record['average']):>6}  {secs(run_record['total_seconds']):>6} s")
         typer.echo(f"results in {out}/ (run.json, summary.md, summary.csv, scores.png, mteb/*.json)")
-        baselines = EVAL_DIR / "results"
-        if any(baselines.glob("*/run.json")) and Path(out).resolve().parent != baselines.resolve():
-            typer.echo(f"beside the baselines: embedkit eval compare {baselines} {out}")
+        stored = baselines_dir(baselines)
+        if stored is not None and any(stored.glob("*/run.json")) and Path(out).resolve().parent != stored.resolve():
+            typer.echo(f"beside the baselines: embedkit eval compare {stored} {out}")
 
     if not debug:
         logging.getLogger("mteb").setLevel(logging.ERROR)
@@ -187,8 +193,8 @@ def compare(
             comparison_details,
             comparison_markdown,
             comparison_plot,
-            write_atomic,
         )
+        from embedkit.io import atomic_write_text  # noqa: PLC0415
 
         cmp = compare_runs(results)
         typer.echo(comparison_markdown(cmp, times=times), nl=False)
@@ -196,9 +202,9 @@ def compare(
             intro = preamble.read_text(encoding="utf-8").strip() + "\n\n" if preamble else ""
             page = (f"# {title}\n\n{intro}" + comparison_markdown(cmp, times=times)
                     + "\n## Runs and data\n\n" + comparison_details(cmp))
-            write_atomic(markdown, page)
+            atomic_write_text(markdown, page)
         if csv_out:
-            write_atomic(csv_out, comparison_csv(cmp))
+            atomic_write_text(csv_out, comparison_csv(cmp))
         if plot:
             comparison_plot(cmp, plot)
 

@@ -17,14 +17,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from embedkit.datasets import find_data_dir
+from embedkit.evaluation.mteb_model import EmbedkitEncoder, LoadedModel, from_embedder, load_instructions
 from embedkit.evaluation.offline import ensure_offline, is_offline
-from embedkit.evaluation.report import RUN_FILE, average, load_run, write_atomic, write_summary
-from embedkit.evaluation.tasks import LocalTask, check_unique, suggest, to_mteb_task
+from embedkit.evaluation.report import RUN_FILE, average, load_run, write_summary
+from embedkit.evaluation.tasks import LocalTask, check_unique, find_tasks, read_task_rows, suggest, to_mteb_task
+from embedkit.io import atomic_path, atomic_write_text, child_path, safe_name
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EVAL_DIR = REPO_ROOT / "eval"
 DATALOADER_BATCH = 512  # only the size of the DataLoader batches mteb hands over; the model batches on its own
 
 
@@ -41,6 +42,8 @@ class EvalTask:
 
 
 def local_eval_task(task: LocalTask, data_dir: Path | None = None) -> EvalTask:
+    """A local task folder made ready to run; every row is read and checked here, before any model loads."""
+    read_task_rows(task)
     checksum = task.checksum()
     source = str(task.path)
     if data_dir is not None:
@@ -141,13 +144,38 @@ def _run_record(encoder, records: list[dict], load_seconds: float | None, digest
     }
 
 
+def result_path(output: Path, task_name: str) -> Path:
+    """``OUTPUT/mteb/<task name>.json``; a task name is data, so it must be a plain file name (no '/', '..')."""
+    return child_path(Path(output) / "mteb", safe_name(task_name, "task name") + ".json", "task result file")
+
+
+def _run_task(encoder, task: EvalTask, path: Path) -> dict:
+    """Evaluate one task with mteb's evaluator; its result JSON lands atomically at ``path``."""
+    import mteb  # noqa: PLC0415
+    from mteb.results import TaskResult  # noqa: PLC0415
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    result = mteb.evaluate(encoder, task.mteb_task, cache=None, overwrite_strategy="always",
+                           show_progress_bar=False, raise_error=True,
+                           encode_kwargs={"batch_size": DATALOADER_BATCH, "show_progress_bar": False})
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    task_result: TaskResult = result.task_results[0]
+    with atomic_path(path) as tmp:
+        task_result.to_disk(tmp)
+    return {
+        "name": task.name, "type": task.type, "metric": task.metric, "score": float(task_result.get_score()),
+        "seconds": seconds, "cpu_seconds": cpu_seconds, "evaluation_time": task_result.evaluation_time,
+        "source": task.source, "checksum": task.checksum, "result_file": f"mteb/{path.name}",
+        "instructions": encoder.used_instructions.get(task.name, {}), "reused": False,
+        "load_average": _load_average(),  # 1-min load at the end: context for wall times on shared CPUs
+    }
+
+
 def evaluate(encoder, tasks: Sequence[EvalTask], output: str | os.PathLike, *, load_seconds: float | None = None,
              reuse: bool = True, on_task: Callable[[dict], None] | None = None) -> dict:
     """Run every task with mteb's evaluator, write results into ``output``; returns the run record."""
     ensure_offline()
     import datasets  # noqa: PLC0415
-    import mteb  # noqa: PLC0415
-    from mteb.results import TaskResult  # noqa: PLC0415
 
     if not logger.isEnabledFor(logging.INFO):
         datasets.disable_progress_bars()  # mteb's dataset.map bars would bury the per-task lines
@@ -169,36 +197,21 @@ def evaluate(encoder, tasks: Sequence[EvalTask], output: str | os.PathLike, *, l
     if previous and previous.get("model", {}).get("fingerprint") != model.fingerprint:
         logger.warning("%s held results of another model (%s, fingerprint %s); they are replaced.", output,
                        previous["model"].get("label"), previous["model"].get("fingerprint"))
-    write_atomic(output / "mteb" / "model_meta.json",
-                 json.dumps(encoder.mteb_model_meta.to_dict(), indent=2, default=str))
+    result_paths = [result_path(output, task.name) for task in tasks]  # every name checked before any work
+    atomic_write_text(output / "mteb" / "model_meta.json",
+                      json.dumps(encoder.mteb_model_meta.to_dict(), indent=2, default=str))
     records: list[dict] = []
     run: dict = {}
-    for task in tasks:
-        result_path = output / "mteb" / f"{task.name}.json"
+    for task, path in zip(tasks, result_paths, strict=True):
         prior = old.get(task.name)
-        if prior and prior.get("checksum") == task.checksum and result_path.is_file():
+        if prior and prior.get("checksum") == task.checksum and path.is_file():
             record = dict(prior, reused=True)
         else:
-            start, cpu_start = time.perf_counter(), time.process_time()
-            result = mteb.evaluate(encoder, task.mteb_task, cache=None, overwrite_strategy="always",
-                                   show_progress_bar=False, raise_error=True,
-                                   encode_kwargs={"batch_size": DATALOADER_BATCH, "show_progress_bar": False})
-            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-            task_result: TaskResult = result.task_results[0]
-            tmp = result_path.with_name(f".{result_path.name}.tmp")
-            task_result.to_disk(tmp)
-            os.replace(tmp, result_path)
-            record = {
-                "name": task.name, "type": task.type, "metric": task.metric, "score": float(task_result.get_score()),
-                "seconds": seconds, "cpu_seconds": cpu_seconds, "evaluation_time": task_result.evaluation_time,
-                "source": task.source, "checksum": task.checksum, "result_file": f"mteb/{task.name}.json",
-                "instructions": encoder.used_instructions.get(task.name, {}), "reused": False,
-                "load_average": _load_average(),  # 1-min load at the end: context for wall times on shared CPUs
-            }
+            record = _run_task(encoder, task, path)
         records.append(record)
         # run.json after every task: an interrupted run keeps what it finished, and a rerun picks it up
         run = _run_record(encoder, records, load_seconds, digest)
-        write_atomic(output / RUN_FILE, json.dumps(run, indent=2))
+        atomic_write_text(output / RUN_FILE, json.dumps(run, indent=2))
         if on_task is not None:
             on_task(record)
     write_summary(run, output)
@@ -210,22 +223,12 @@ def evaluate_model(model, task_dirs: Sequence[str | os.PathLike], output: str | 
                    reuse: bool = True) -> dict:
     """Python entry point: evaluate an Embedder (or a LoadedModel) on task folders; returns the run record.
 
-    ``instructions`` is an InstructionTable, a path to one, or None (the model's own instructions).
+    ``instructions`` is an InstructionTable, a path to one, "default" (the shipped table), or None (the model's
+    own instructions).
     """
-    from embedkit.evaluation.mteb_model import (  # noqa: PLC0415
-        EmbedkitEncoder,
-        InstructionTable,
-        LoadedModel,
-        from_embedder,
-    )
-    from embedkit.evaluation.tasks import find_tasks  # noqa: PLC0415
-
     loaded = model if isinstance(model, LoadedModel) else from_embedder(model, label=label)
-    if instructions is not None and not isinstance(instructions, InstructionTable):
-        instructions = InstructionTable.load(instructions)
+    instructions = load_instructions(instructions)
     try:
-        from embedkit.datasets import find_data_dir  # noqa: PLC0415
-
         data_dir = find_data_dir()
     except FileNotFoundError:
         data_dir = None

@@ -4,6 +4,9 @@ mteb hands ``encode`` a DataLoader of small batches; the wrapper gathers every t
 duplicates and encodes them in one ``Embedder.encode`` call, so the core's length-sorted token-budget batching
 applies across the whole input instead of within each 32-text batch. Instructions come per task and role
 (query / document) from an instruction table, else from the model's own configured instructions.
+
+Importing this module changes nothing in the process (no offline switch): the eval command and the harness entry
+points call ``offline.ensure_offline()`` explicitly, and it reaches already-imported hub clients too.
 """
 
 from __future__ import annotations
@@ -15,18 +18,14 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from embedkit.evaluation.offline import ensure_offline
-
-ensure_offline()
-
-from mteb.models.abs_encoder import AbsEncoder  # noqa: E402  (after the offline switch)
-from mteb.models.model_meta import ModelMeta  # noqa: E402
-from mteb.types import PromptType  # noqa: E402
+from mteb.models.abs_encoder import AbsEncoder
+from mteb.models.model_meta import ModelMeta
+from mteb.types import PromptType
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +34,7 @@ TEMPLATES = {"prompteol": PROMPT_EOL}
 MINILM_ALIASES = ("all-minilm-l6-v2", "minilm", "sentence-transformers/all-minilm-l6-v2")
 DEFAULT_TEMPLATE = "Instruct: {instruction}\nQuery: "
 ROLES = ("query", "document")
+SHIPPED_INSTRUCTIONS = "instructions.json"  # package data beside this module
 
 
 # -- instruction table ----------------------------------------------------------------------------------------
@@ -69,16 +69,26 @@ class InstructionTable:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Instruction table {path} does not exist.")
+        return cls.from_json(path.read_text(encoding="utf-8"), str(path))
+
+    @classmethod
+    def shipped(cls) -> InstructionTable:
+        """The table that ships with embedkit (package data, so it exists in an installed wheel too)."""
+        resource = resources.files("embedkit.evaluation") / SHIPPED_INSTRUCTIONS
+        return cls.from_json(resource.read_text(encoding="utf-8"), str(resource))
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> InstructionTable:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"Instruction table {path} is not valid JSON ({err}).") from None
+            raise ValueError(f"Instruction table {source} is not valid JSON ({err}).") from None
         unknown = sorted(set(data) - {"template", "tasks", "types", "_comment"}) if isinstance(data, dict) else []
         if not isinstance(data, dict) or unknown:
-            raise ValueError(f"Instruction table {path}: expected an object with 'tasks', 'types', 'template'"
+            raise ValueError(f"Instruction table {source}: expected an object with 'tasks', 'types', 'template'"
                              + (f"; unknown field(s) {unknown}." if unknown else "."))
         return cls(tasks=dict(data.get("tasks") or {}), types=dict(data.get("types") or {}),
-                    template=data.get("template", DEFAULT_TEMPLATE), source=str(path))
+                   template=data.get("template", DEFAULT_TEMPLATE), source=source)
 
     def lookup(self, task_name: str, task_type: str, role: str | None) -> tuple[bool, str | None]:
         """(found, instruction). A string entry covers queries and symmetric inputs, not retrieval documents."""
@@ -96,6 +106,15 @@ class InstructionTable:
     def digest(self) -> str:
         blob = json.dumps({"tasks": self.tasks, "types": self.types, "template": self.template}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_instructions(value: InstructionTable | str | os.PathLike | None) -> InstructionTable | None:
+    """``--instructions``: None / "none" (the model's own), "default" (the shipped table), or a JSON file."""
+    if isinstance(value, InstructionTable) or value is None:
+        return value
+    if str(value) in ("", "none"):
+        return None
+    return InstructionTable.shipped() if str(value) == "default" else InstructionTable.load(value)
 
 
 # -- loaded models ------------------------------------------------------------------------------------------------
@@ -199,10 +218,10 @@ def default_label(spec: str, embedder=None, template: str | None = None) -> str:
     return f"{base}-{cfg.attention}-{cfg.pooling}{suffix}"
 
 
-def load_model(spec: str, *, attention: str | None = None, pooling: str | None = None, dtype: str = "auto",
+def open_eval_model(spec: str, *, attention: str | None = None, pooling: str | None = None, dtype: str = "auto",
                max_length: int | None = None, template: str | None = None, label: str | None = None,
                backend: str = "auto") -> LoadedModel:
-    """Load any model spec for evaluation.
+    """Open any model spec for evaluation (embedkit or sentence-transformers) as the harness's LoadedModel.
 
     ``all-MiniLM-L6-v2`` (and a folder with ``modules.json`` but no ``embedkit.json``, or ``backend=
     "sentence-transformers"``) loads with sentence-transformers; everything else goes through the embedkit core

@@ -11,29 +11,15 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from embedkit.io import atomic_write_bytes, atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
-
-
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write a file via a temp file in the same folder and os.replace, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def pct(score: float | None) -> str:
@@ -119,14 +105,14 @@ def bar_chart(labels: Sequence[str], series: dict[str, Sequence[float | None]], 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    return write_atomic(path, buffer.getvalue())
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_summary(run: dict, folder: str | os.PathLike) -> None:
     """summary.md, summary.csv and scores.png beside run.json."""
     folder = Path(folder)
-    write_atomic(folder / "summary.md", summary_markdown(run))
-    write_atomic(folder / "summary.csv", summary_csv(run))
+    atomic_write_text(Path(folder) / "summary.md", summary_markdown(run))
+    atomic_write_text(Path(folder) / "summary.csv", summary_csv(run))
     labels = [t["name"] for t in run["tasks"]] + ["average"]
     bar_chart(labels, {run["model"]["label"]: [t["score"] for t in run["tasks"]] + [run.get("average")]},
               folder / "scores.png", f"{run['model']['label']} (main score per task)")

@@ -17,7 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedkit.datasets import read_jsonl
+from embedkit.datasets import read_jsonl_lines, sts_row
+from embedkit.io import safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,10 @@ def read_task(folder: str | os.PathLike) -> LocalTask:
     for key in ("name", "type"):
         if not isinstance(info.get(key), str) or not info[key].strip():
             raise TaskFolderError(f"{meta_path}: field '{key}' is missing or not a non-empty string.")
+    try:  # results are written as OUTPUT/mteb/<name>.json: a name with '/' or '..' would write elsewhere
+        safe_name(info["name"].strip(), "task name")
+    except ValueError as err:
+        raise TaskFolderError(f"{meta_path}: field 'name': {err}") from None
     kind = info["type"]
     if kind in TRAINING_TYPES:
         raise TaskFolderError(f"{meta_path}: type '{kind}' is training data, not an evaluation task; "
@@ -200,38 +205,24 @@ def check_unique(names: Iterable[str]) -> None:
         seen.add(name)
 
 
-def read_task_set(name_or_path: str, data_dir: Path, sets_dir: Path) -> list[Path]:
-    """A task set file: one task folder per line (relative to the data folder, or absolute); '#' comments."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = sets_dir / f"{name_or_path}.txt"
-    if not path.is_file():
-        known = sorted(p.stem for p in sets_dir.glob("*.txt")) if sets_dir.is_dir() else []
-        raise FileNotFoundError(f"Task set {name_or_path!r} not found (neither a file nor {path}); known sets: "
-                                f"{', '.join(known) or 'none'}.")
-    folders = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            folders.append(Path(line) if Path(line).is_absolute() else data_dir / line)
-    if not folders:
-        raise ValueError(f"Task set {path} lists no task folders.")
-    return folders
-
-
 # -- loading rows ---------------------------------------------------------------------------------------------
-def _rows(task: LocalTask, pattern: str) -> list[dict]:
+def _numbered_rows(task: LocalTask, pattern: str) -> list[tuple[str, dict]]:
+    """("file:line", row) of one data file, every row holding the type's required fields."""
     path = task.file(pattern)
     required = task.spec.fields.get(pattern, ())
     rows = []
-    for number, row in enumerate(read_jsonl(path), start=1):
-        missing = [key for key in required if key not in row]
+    for number, (line, row) in enumerate(read_jsonl_lines(path), start=1):
+        missing = [key for key in required if not isinstance(row, dict) or key not in row]
         if missing:
             raise TaskFolderError(f"{path}: row {number} lacks field(s) {missing} (rows need {list(required)}).")
-        rows.append(row)
+        rows.append((f"{path}:{line}", row))
     if not rows:
         raise TaskFolderError(f"{path} has no rows.")
     return rows
+
+
+def _rows(task: LocalTask, pattern: str) -> list[dict]:
+    return [row for _, row in _numbered_rows(task, pattern)]
 
 
 def _label_ids(*splits: list[dict]) -> list[list[int]]:
@@ -262,54 +253,72 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
     return qrels
 
 
-def load_task_data(task: LocalTask):
-    """The task's data in the shape its mteb AbsTask expects (DatasetDict, or subset -> split -> split data)."""
-    from datasets import Dataset, DatasetDict  # noqa: PLC0415
+def _sts_columns(task: LocalTask) -> dict[str, list]:
+    checked = []
+    for where, row in _numbered_rows(task, "{split}.jsonl"):
+        try:
+            checked.append(sts_row(row, where))
+        except ValueError as err:
+            raise TaskFolderError(str(err)) from None
+    return {"sentence1": [c[0] for c in checked], "sentence2": [c[1] for c in checked],
+            "score": [c[2] for c in checked]}
 
+
+def _retrieval_columns(task: LocalTask) -> dict:
+    corpus, queries = _rows(task, "corpus.jsonl"), _rows(task, "queries.jsonl")
+    qrels = read_qrels(task.file("qrels/{split}.tsv"))
+    doc_ids = {str(r["_id"]) for r in corpus}
+    unknown = sorted({d for docs in qrels.values() for d in docs} - doc_ids)
+    if unknown:
+        raise TaskFolderError(f"{task.file('qrels/{split}.tsv')}: {len(unknown)} corpus-id(s) not in "
+                              f"corpus.jsonl, e.g. {unknown[:3]}.")
+    return {"corpus": {"id": [str(r["_id"]) for r in corpus], "title": [r.get("title") or "" for r in corpus],
+                       "text": [r["text"] for r in corpus]},
+            "queries": {"id": [str(r["_id"]) for r in queries], "text": [r["text"] for r in queries]},
+            "qrels": qrels}
+
+
+def read_task_rows(task: LocalTask) -> dict:
+    """The task's data as plain columns, every row checked; errors name the file and row. The eval command
+    calls it before any model loads, so bad data fails in seconds. Returns split -> column -> values (retrieval:
+    corpus, queries, qrels)."""
     split = task.split
     if task.type == "sts":
-        rows = _rows(task, "{split}.jsonl")
-        return DatasetDict({split: Dataset.from_dict({
-            "sentence1": [r["sentence1"] for r in rows], "sentence2": [r["sentence2"] for r in rows],
-            "score": [float(r["score"]) for r in rows]})})
+        return {split: _sts_columns(task)}
     if task.type == "pair_classification":
         rows = _rows(task, "{split}.jsonl")
         bad = next((i for i, r in enumerate(rows, 1) if r["label"] not in (0, 1)), None)
         if bad is not None:
             raise TaskFolderError(f"{task.file('{split}.jsonl')}: row {bad} has label {rows[bad - 1]['label']!r}; "
                                   "pair_classification labels must be 0 or 1.")
-        return DatasetDict({split: Dataset.from_dict({
-            "sentence1": [r["sentence1"] for r in rows], "sentence2": [r["sentence2"] for r in rows],
-            "label": [int(r["label"]) for r in rows]})})
+        return {split: {"sentence1": [r["sentence1"] for r in rows], "sentence2": [r["sentence2"] for r in rows],
+                        "label": [int(r["label"]) for r in rows]}}
     if task.type == "classification":
         train, test = _rows(task, "train.jsonl"), _rows(task, "{split}.jsonl")
         train_ids, test_ids = _label_ids(train, test)
-        return DatasetDict({
-            "train": Dataset.from_dict({"text": [r["text"] for r in train], "label": train_ids}),
-            split: Dataset.from_dict({"text": [r["text"] for r in test], "label": test_ids}),
-        })
+        return {"train": {"text": [r["text"] for r in train], "label": train_ids},
+                split: {"text": [r["text"] for r in test], "label": test_ids}}
     if task.type == "clustering":
         rows = _rows(task, "{split}.jsonl")
         (labels,) = _label_ids(rows)
-        return DatasetDict({split: Dataset.from_dict({"text": [r["text"] for r in rows], "label": labels})})
+        return {split: {"text": [r["text"] for r in rows], "label": labels}}
     if task.type == "retrieval":
-        from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData  # noqa: PLC0415
-
-        corpus, queries = _rows(task, "corpus.jsonl"), _rows(task, "queries.jsonl")
-        qrels = read_qrels(task.file("qrels/{split}.tsv"))
-        doc_ids = {str(r["_id"]) for r in corpus}
-        unknown = sorted({d for docs in qrels.values() for d in docs} - doc_ids)
-        if unknown:
-            raise TaskFolderError(f"{task.file('qrels/{split}.tsv')}: {len(unknown)} corpus-id(s) not in "
-                                  f"corpus.jsonl, e.g. {unknown[:3]}.")
-        return {"default": {split: RetrievalSplitData(
-            corpus=Dataset.from_dict({"id": [str(r["_id"]) for r in corpus],
-                                      "title": [r.get("title") or "" for r in corpus],
-                                      "text": [r["text"] for r in corpus]}),
-            queries=Dataset.from_dict({"id": [str(r["_id"]) for r in queries],
-                                       "text": [r["text"] for r in queries]}),
-            relevant_docs=qrels, top_ranked=None)}}
+        return _retrieval_columns(task)
     raise TaskFolderError(f"Unknown task type {task.type!r}.")  # pragma: no cover - read_task checked it
+
+
+def load_task_data(task: LocalTask):
+    """The task's data in the shape its mteb AbsTask expects (DatasetDict, or subset -> split -> split data)."""
+    from datasets import Dataset, DatasetDict  # noqa: PLC0415
+
+    columns = read_task_rows(task)
+    if task.type != "retrieval":
+        return DatasetDict({split: Dataset.from_dict(data) for split, data in columns.items()})
+    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData  # noqa: PLC0415
+
+    return {"default": {task.split: RetrievalSplitData(
+        corpus=Dataset.from_dict(columns["corpus"]), queries=Dataset.from_dict(columns["queries"]),
+        relevant_docs=columns["qrels"], top_ranked=None)}}
 
 
 # -- mteb task classes ------------------------------------------------------------------------------------------

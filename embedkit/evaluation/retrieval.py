@@ -15,7 +15,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from embedkit.corpus.encode import encode_corpus
 from embedkit.datasets import read_jsonl
+from embedkit.index import BuildOptions, Index, build_index
 
 
 def read_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
@@ -85,9 +87,6 @@ def evaluate_retrieval(
     by default a temporary folder is used and removed. Queries use the embedder's query instruction, the corpus
     its document instruction.
     """
-    from embedkit.corpus.encode import encode_corpus  # noqa: PLC0415
-    from embedkit.index import BuildOptions, Index, build_index  # noqa: PLC0415
-
     task_dir = Path(task_dir)
     corpus = task_dir / "corpus.jsonl"
     for path in (corpus, task_dir / "queries.jsonl"):

@@ -198,7 +198,7 @@ def bench_msmarco(args) -> None:
     from embedkit import Embedder  # noqa: PLC0415
     from embedkit.corpus import open_vectors  # noqa: PLC0415
     from embedkit.datasets import read_jsonl  # noqa: PLC0415
-    from embedkit.retrieval import evaluate_retrieval  # noqa: PLC0415
+    from embedkit.evaluation.retrieval import evaluate_retrieval  # noqa: PLC0415
 
     work = Path(args.work)
     embedder = Embedder.from_pretrained(MODEL, dtype=args.dtype, attention="causal", pooling="mean",

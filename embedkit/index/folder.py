@@ -21,7 +21,6 @@ byte (``index build``'s up-to-date check, ``embedkit index verify``, ``Index.loa
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap as _mmap
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,13 +37,6 @@ SAMPLE_WHOLE = 4 << 20  # files up to this size are hashed whole by the "sample"
 SAMPLE_BLOCK = 64 << 10
 SAMPLE_BLOCKS = 48
 CHECKS = ("size", "sample", "full")
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def load_npy(path: Path, mmap: bool = True) -> np.ndarray:

@@ -22,7 +22,6 @@ from embedkit.index.folder import (
     INDEX_VERSION,
     file_facts,
     index_problem,
-    read_json,
     write_ids,
     write_texts,
 )
@@ -30,7 +29,7 @@ from embedkit.index.options import BuildOptions
 from embedkit.index.registry import AUTO, IndexType, get_index_type
 from embedkit.index.source import VectorSource, faiss_metric
 from embedkit.index.types import choose_type, default_clusters
-from embedkit.io import atomic_path, atomic_write_json, replace_dir
+from embedkit.io import atomic_path, atomic_write_json, read_json, replace_dir
 
 logger = logging.getLogger(__name__)
 

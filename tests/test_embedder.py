@@ -29,7 +29,7 @@ def test_encode_shape_order_and_norm(stories):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     # order is restored although batches are sorted by length
     np.testing.assert_allclose(stories.encode(TEXTS[::-1]), vectors[::-1], atol=1e-5)
-    np.testing.assert_allclose(stories.encode(TEXTS, max_tokens=16, batch_size=1), vectors, atol=1e-5)
+    np.testing.assert_allclose(stories.encode(TEXTS, max_batch_tokens=16, batch_size=1), vectors, atol=1e-5)
     raw = stories.encode(TEXTS, normalize=False)
     assert np.linalg.norm(raw, axis=1).min() > 1.5  # really un-normalised
 
@@ -118,7 +118,7 @@ def test_config_validation():
 def test_parallel_workers_give_the_same_vectors(stories):
     texts = [f"{t} ({i})" for i in range(12) for t in TEXTS]
     one = stories.encode(texts, workers=1)
-    np.testing.assert_allclose(stories.encode(texts, workers=3, max_tokens=64), one, atol=1e-5)
+    np.testing.assert_allclose(stories.encode(texts, workers=3, max_batch_tokens=64), one, atol=1e-5)
     threads = torch.get_num_threads()
     stories.encode(texts, workers=2)
     assert torch.get_num_threads() == threads  # the process-wide setting is restored
@@ -137,8 +137,8 @@ def test_parallel_batches_raise_the_first_error_and_stateful_hooks_run_alone(sto
     with pytest.raises(RuntimeError, match="batch 2 failed"):
         run_batches([[0], [1], [2], [3]], step, workers=2)
     assert set(seen) == {1}  # each worker runs torch single-threaded
-    assert split_for_workers([10] * 40, max_tokens=2048, workers=2) == 50  # 4 batches per worker
-    assert split_for_workers([300, 10], max_tokens=2048, workers=2) == 300  # never below the longest text
+    assert split_for_workers([10] * 40, max_batch_tokens=2048, workers=2) == 50  # 4 batches per worker
+    assert split_for_workers([300, 10], max_batch_tokens=2048, workers=2) == 300  # never below the longest text
     stories.forward_hook = lambda embedder, ids, mask: embedder.backbone(input_ids=ids, attention_mask=mask)[0]
     try:
         assert stories.default_workers() == 1
@@ -150,23 +150,24 @@ def test_parallel_batches_raise_the_first_error_and_stateful_hooks_run_alone(sto
 
 def test_batch_plan_respects_budget_and_covers_all():
     lengths = [5, 30, 7, 7, 100, 2, 64]
-    plan = plan_batches(lengths, max_tokens=128, max_batch=3)
+    plan = plan_batches(lengths, max_batch_tokens=128, max_batch=3)
     assert sorted(i for batch in plan for i in batch) == list(range(7))
     for batch in plan:
         assert len(batch) <= 3
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 128
-    assert plan_for_workers(lengths, max_tokens=128, max_batch=3, workers=1) == plan
+    assert plan_for_workers(lengths, max_batch_tokens=128, max_batch=3, workers=1) == plan
 
 
 def test_worker_plan_gives_each_worker_equally_full_batches():
     lengths = [10] * 90  # a share of 112 tokens cuts 8 full batches and a part-filled ninth
-    assert [len(b) for b in plan_batches(lengths, max_tokens=split_for_workers(lengths, 2048, 2))] == [11] * 8 + [2]
-    plan = plan_for_workers(lengths, max_tokens=2048, workers=2)
+    budget = split_for_workers(lengths, 2048, 2)
+    assert [len(b) for b in plan_batches(lengths, max_batch_tokens=budget)] == [11] * 8 + [2]
+    plan = plan_for_workers(lengths, max_batch_tokens=2048, workers=2)
     assert [len(b) for b in plan] == [9] * 10  # 5 batches per worker, all the same size
     assert sorted(i for batch in plan for i in batch) == list(range(90))
     mixed = [3 + (i * 7) % 40 for i in range(500)]
     for workers in (2, 3):
-        plan = plan_for_workers(mixed, max_tokens=2048, max_batch=64, workers=workers)
+        plan = plan_for_workers(mixed, max_batch_tokens=2048, max_batch=64, workers=workers)
         assert len(plan) % workers == 0 and sorted(i for b in plan for i in b) == list(range(500))
         assert all(len(b) <= 64 for b in plan)
 
@@ -250,7 +251,7 @@ def test_compiled_layers_give_the_same_vectors_and_weights(stories_path):
     assert is_compiled(embedder.backbone)
     assert embedder.backbone.config._attn_implementation == "eager"  # what inductor can fuse, unlike sdpa's kernel
     # batches of several sizes and lengths: one dynamic-shape graph serves them all
-    np.testing.assert_allclose(embedder.encode(texts, max_tokens=64), eager, atol=1e-4)
+    np.testing.assert_allclose(embedder.encode(texts, max_batch_tokens=64), eager, atol=1e-4)
     assert embedder.fingerprint() == fingerprint and list(embedder.state_dict()) == keys
     assert torch._dynamo.config.cache_size_limit >= 8 * embedder.backbone.config.num_hidden_layers
     embedder.forward_hook = lambda e, ids, mask: e.backbone(input_ids=ids, attention_mask=mask)[0]

@@ -161,10 +161,18 @@ class Embedder(nn.Module):
 
     # -- encode --------------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str], instruction: str | None = None) -> Tokenized:
+        """Token ids of ``instruction + template(text)``, each cut to ``config.max_length``."""
         return tokenize(
             self.tokenizer, texts, max_length=self.config.max_length, instruction=instruction,
             template=self.config.template, append_eos=pooler_class(self.config.pooling).appends_eos,
         )
+
+    def _warn_truncated(self, tokenized: Tokenized) -> None:
+        if tokenized.n_truncated:
+            logger.warning(
+                "%d of %d texts were longer than max_length=%d tokens and were truncated.",
+                tokenized.n_truncated, len(tokenized), self.config.max_length,
+            )
 
     def collate(self, tokenized: Tokenized, rows: Sequence[int] | None = None, padding_side: str = "right"):
         """Pad some rows of a Tokenized into (input_ids, attention_mask, pool_mask) on this device."""
@@ -205,11 +213,7 @@ class Embedder(nn.Module):
             max_batch_tokens = max_tokens
         width = self._check_dimensions(dimensions)
         tokenized = self.tokenize(texts, instruction)
-        if tokenized.n_truncated:
-            logger.warning(
-                "%d of %d texts were longer than max_length=%d tokens and were truncated.",
-                tokenized.n_truncated, len(tokenized), self.config.max_length,
-            )
+        self._warn_truncated(tokenized)
         normalize = self.config.normalize if normalize is None else normalize
         out = np.empty((len(tokenized), width), dtype=np.float32)
         if len(tokenized) == 0:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from embedkit.hardware import native_bf16_cpu, warn_if_slow_bfloat16
@@ -226,3 +227,35 @@ def ensure_pad_token(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     if tokenizer.pad_token_id is None:
         raise ValueError("Tokenizer has no pad, eos or unk token to pad with; set tokenizer.pad_token first.")
+
+
+def padding_id(tokenizer, model: nn.Module) -> int:
+    """The id to pad batches with: the tokenizer's pad id when the model has an embedding row for it, else 0.
+
+    Padded positions are masked (never attended to, never pooled), so any valid row gives the same vectors; a
+    pad token added to a tokenizer without resizing the model (id past the embedding matrix) would crash the
+    embedding lookup of every padded batch while single texts work.
+    """
+    pad = tokenizer.pad_token_id
+    rows = model.get_input_embeddings().weight.shape[0]
+    return pad if pad is not None and 0 <= pad < rows else 0
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The plain transformers model under a peft wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's list of layers (``model.layers`` for Llama-style models; found by size otherwise)."""
+    model = base_model(model)
+    count = getattr(model.config, "num_hidden_layers", None)
+    layers = getattr(model, "layers", None)
+    if isinstance(layers, nn.ModuleList) and (count is None or len(layers) == count):
+        return layers
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError(f"Cannot find the decoder layers of {type(model).__name__} (no ModuleList of "
+                     f"{count} layers); this method needs a decoder-only transformers model.")

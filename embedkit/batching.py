@@ -16,7 +16,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 2048  # per batch, padded: on CPU, batches that stay in cache beat big ones (bench/README.md)
+DEFAULT_MAX_BATCH_TOKENS = 2048  # per batch, padded: on CPU, batches that stay in cache beat big ones (bench/README.md)
 DEFAULT_MAX_BATCH = 512
 BATCHES_PER_WORKER = 4  # enough batches that no worker waits long for the last one
 
@@ -106,23 +106,23 @@ def tokenize(
 
 
 def plan_batches(
-    lengths: Sequence[int], *, max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = DEFAULT_MAX_BATCH
+    lengths: Sequence[int], *, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_batch: int = DEFAULT_MAX_BATCH
 ) -> list[list[int]]:
-    """Group indices, longest first, so that each padded batch holds at most ``max_tokens`` tokens."""
-    return _cut(_longest_first(lengths), lengths, max_tokens, max_batch)
+    """Group indices, longest first, so that each padded batch holds at most ``max_batch_tokens`` tokens."""
+    return _cut(_longest_first(lengths), lengths, max_batch_tokens, max_batch)
 
 
 def _longest_first(lengths: Sequence[int]) -> list[int]:
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
-def _cut(order: Sequence[int], lengths: Sequence[int], max_tokens: int, max_batch: int) -> list[list[int]]:
-    """Cut indices (longest first) into batches of at most ``max_tokens`` padded tokens and ``max_batch`` texts."""
+def _cut(order: Sequence[int], lengths: Sequence[int], max_batch_tokens: int, max_batch: int) -> list[list[int]]:
+    """Cut indices (longest first) into batches of at most ``max_batch_tokens`` padded tokens, ``max_batch`` texts."""
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
         width = lengths[current[0]] if current else lengths[i]
-        if current and ((len(current) + 1) * width > max_tokens or len(current) >= max_batch):
+        if current and ((len(current) + 1) * width > max_batch_tokens or len(current) >= max_batch):
             batches.append(current)
             current = []
         current.append(i)
@@ -132,7 +132,7 @@ def _cut(order: Sequence[int], lengths: Sequence[int], max_tokens: int, max_batc
 
 
 def plan_for_workers(
-    lengths: Sequence[int], *, max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = DEFAULT_MAX_BATCH,
+    lengths: Sequence[int], *, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_batch: int = DEFAULT_MAX_BATCH,
     workers: int = 1,
 ) -> list[list[int]]:
     """``plan_batches`` with a budget that gives every worker the same number of equally full batches.
@@ -143,9 +143,9 @@ def plan_for_workers(
     which spreads that remainder over all of them (batches capped by ``max_batch`` texts stay smaller).
     """
     if workers <= 1 or not lengths:
-        return plan_batches(lengths, max_tokens=max_tokens, max_batch=max_batch)
+        return plan_batches(lengths, max_batch_tokens=max_batch_tokens, max_batch=max_batch)
     order = _longest_first(lengths)
-    high = split_for_workers(lengths, max_tokens, workers)
+    high = split_for_workers(lengths, max_batch_tokens, workers)
     plan = _cut(order, lengths, high, max_batch)
     target = -(-len(plan) // workers) * workers
     low = lengths[order[0]]  # the batch count is non-increasing in the budget, and fits at ``high``
@@ -181,12 +181,12 @@ def collate(
     return input_ids, attention, pool
 
 
-def split_for_workers(lengths: Sequence[int], max_tokens: int, workers: int) -> int:
+def split_for_workers(lengths: Sequence[int], max_batch_tokens: int, workers: int) -> int:
     """A token budget small enough that every worker gets several batches (they finish together)."""
     if workers <= 1 or not lengths:
-        return max_tokens
+        return max_batch_tokens
     share = sum(lengths) // (BATCHES_PER_WORKER * workers)
-    return max(min(max_tokens, share), max(lengths))
+    return max(min(max_batch_tokens, share), max(lengths))
 
 
 @contextmanager

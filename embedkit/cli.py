@@ -1,4 +1,4 @@
-"""The ``embedkit`` command: info, embed, demo; later issues add train, encode, index, search, eval."""
+"""The ``embedkit`` command: info, embed, train, encode, index, search, eval, demo."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ from typing import Annotated
 import typer
 
 from embedkit.attention import ATTENTION_MODES
-from embedkit.pooling import POOLING_MODES
+from embedkit.pooling import pooling_names
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 ModelArg = Annotated[str, typer.Argument(help="Hub id, local HF folder, .gguf file, alias, or saved embedder.")]
 AttentionOpt = Annotated[str, typer.Option(help=f"One of: {', '.join(ATTENTION_MODES)}.")]
-PoolingOpt = Annotated[str, typer.Option(help=f"One of: {', '.join(POOLING_MODES)}.")]
+PoolingOpt = Annotated[str, typer.Option(help=f"One of: {', '.join(pooling_names())}.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 where fast, else float32), float32, bfloat16.")]
+MaxLengthOpt = Annotated[int, typer.Option(help="Per-text token limit (longer texts are cut); default: the "
+                                                "saved model's, else 512.")]
+DimensionsOpt = Annotated[int, typer.Option(help="Matryoshka: keep the first N components (renormalised).")]
 
 TokenPrependingOpt = Annotated[str, typer.Option(
     "--token-prepending", metavar="START:END",
@@ -56,10 +59,10 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
 
 @app.command()
 def info(model: ModelArg, attention: AttentionOpt = None, pooling: PoolingOpt = None,
-         dtype: DtypeOpt = "auto") -> None:
+         dtype: DtypeOpt = "auto", max_length: MaxLengthOpt = None) -> None:
     """Architecture, parameters, layers, hidden size, attention, pooling, dtype."""
     def body():
-        embedder = open_embedder(model, attention, pooling, dtype)
+        embedder = open_embedder(model, attention, pooling, dtype, max_length)
         cfg = embedder.backbone.config
         rows = {
             "model": model,
@@ -84,20 +87,21 @@ def info(model: ModelArg, attention: AttentionOpt = None, pooling: PoolingOpt = 
 @app.command()
 def embed(model: ModelArg, texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
           attention: AttentionOpt = None, pooling: PoolingOpt = None, dtype: DtypeOpt = "auto",
+          max_length: MaxLengthOpt = None, dimensions: DimensionsOpt = None,
           instruction: Annotated[str, typer.Option(help="Prepended, attended to, not pooled.")] = None,
           as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
           token_prepending: TokenPrependingOpt = None, tp_prompt: TPPromptOpt = "prompteol",
           tp_output_layer: TPOutputLayerOpt = None) -> None:
     """Print the vectors of TEXT... (one per line, or JSON with --json)."""
     def body():
-        embedder = open_embedder(model, attention, pooling, dtype)
+        embedder = open_embedder(model, attention, pooling, dtype, max_length)
         if token_prepending:
             from embedkit.methods.token_prepending import enable_from_option  # noqa: PLC0415
 
             enable_from_option(embedder, token_prepending, tp_prompt, tp_output_layer)
-        vectors = embedder.encode(texts, instruction=instruction)
+        vectors = embedder.encode(texts, instruction=instruction, dimensions=dimensions)
         if as_json:
-            typer.echo(json.dumps({"model": model, "dimension": embedder.dimension,
+            typer.echo(json.dumps({"model": model, "dimension": vectors.shape[1],
                                    "embeddings": [[round(float(x), 6) for x in v] for v in vectors]}))
         else:
             for text, vector in zip(texts, vectors, strict=True):

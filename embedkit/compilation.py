@@ -1,10 +1,10 @@
 """Compile the backbone's decoder layers with ``torch.compile`` for faster encoding on CPU.
 
-A decoder layer's element-wise kernels (RMSNorm, rotary, SiLU, residual adds) are memory-bound and take about
-40% of an eager forward on CPU; inductor fuses them. Each layer is compiled in place (``nn.Module.compile``),
+A decoder layer's element-wise kernels (RMSNorm, rotary, SiLU, residual adds) are memory-bound and take a large
+share of an eager forward on CPU; inductor fuses them. Each layer is compiled in place (``nn.Module.compile``),
 with dynamic shapes, so the module tree, the state dict and the fingerprint stay as they were; the layers are
-alike, so inductor's cache compiles their code once. The first batches pay the compile time (tens of
-seconds); long jobs (corpus encoding, evaluation) gain it back many times (bench/README.md has the figures).
+alike, so inductor's cache compiles their code once. The first batches pay the compile time; long jobs
+(corpus encoding, evaluation) gain it back many times (bench/README.md has the figures).
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import logging
 import torch
 from torch import nn
 
-from embedkit.methods.common import decoder_layers
+from embedkit.backbone import decoder_layers
 
 logger = logging.getLogger(__name__)
 
 GRAPHS_PER_LAYER = 8  # shape variants each layer may keep (batch or length 1 specialise, grad vs inference mode)
 # Inductor's C++ wrapper runs a whole layer's graph in C++ without the GIL. Its default Python wrapper calls each
-# fused kernel with the GIL held, so encode's worker threads queued for it: +9-15% with 2 workers here.
+# fused kernel with the GIL held, so encode's worker threads queued for it (bench/README.md measures the gain).
 INDUCTOR_OPTIONS = {"cpp_wrapper": True}
 
 
@@ -28,7 +28,7 @@ def use_compilable_attention(model: nn.Module) -> bool:
     """Switch an ``sdpa`` model to transformers' eager attention (matmul + softmax); True if it switched.
 
     Inductor compiles eager attention with the rest of the layer, while sdpa's CPU flash kernel stays opaque
-    to it: that kernel took 19% of a compiled forward on short sentences, eager attention 5% (bench/README.md).
+    to it, so it would stay the largest unfused part of a compiled forward (bench/README.md has the profile).
     """
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False

@@ -3,7 +3,7 @@
 
 The saved folder is a Hugging Face model folder (``config.json`` carries ``is_causal``), plus
 sentence-transformers' ``modules.json`` / ``1_Pooling`` / ``2_Normalize``, plus ``embedkit.json`` (this
-module's ``EmbedderConfig``).
+``EmbedderConfig``). ``st_export`` writes the sentence-transformers side.
 """
 
 from __future__ import annotations
@@ -14,38 +14,35 @@ import json
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
+from peft import PeftModel
 from torch import nn
 from tqdm.auto import tqdm
 
 from embedkit import attention as attn
-from embedkit.backbone import load_backbone, load_tokenizer, resolve_dtype
+from embedkit import st_export
+from embedkit.backbone import load_backbone, load_tokenizer, padding_id, resolve_dtype
 from embedkit.batching import (
     DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_TOKENS,
+    DEFAULT_MAX_BATCH_TOKENS,
     Tokenized,
     collate,
     plan_for_workers,
     run_batches,
     tokenize,
 )
+from embedkit.embedder_config import CONFIG_FILE, EmbedderConfig
 from embedkit.io import atomic_write_dir
-from embedkit.pooling import (
-    ST_POOLING_MODE,
-    LatentAttentionConfig,
-    LatentAttentionPooling,
-    check_pooling,
-    pool,
-)
+from embedkit.method_registry import apply_methods
+from embedkit.pooling import Pooler, pooler_class, shared_pooler
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "embedkit.json"
 PROGRESS_BAR_MIN_TEXTS = 2000
 
 # Hidden-state hook: (embedder, input_ids, attention_mask) -> hidden states (B, L, H). Methods such as
@@ -53,46 +50,11 @@ PROGRESS_BAR_MIN_TEXTS = 2000
 ForwardHook = Callable[["Embedder", torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@dataclass
-class EmbedderConfig:
-    """Everything that defines an embedder besides its weights; saved as ``embedkit.json``."""
-
-    backbone: str
-    attention: str = "causal"
-    pooling: str = "mean"
-    max_length: int = 512
-    normalize: bool = True
-    dtype: str = "auto"
-    query_instruction: str | None = None
-    document_instruction: str | None = None
-    template: str | None = None  # e.g. PromptEOL 'This sentence : "{text}" means in one word:"'
-    latent_attention: dict | None = None  # LatentAttentionConfig fields when pooling == latent_attention
-    methods: dict = field(default_factory=dict)  # settings of extra methods (token prepending, ...)
-
-    def __post_init__(self) -> None:
-        attn.check_mode(self.attention)
-        check_pooling(self.pooling)
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {self.max_length}.")
-        if self.template is not None and "{text}" not in self.template:
-            raise ValueError(f"template must contain '{{text}}', got {self.template!r}.")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> EmbedderConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown EmbedderConfig keys {unknown}; valid: {sorted(known)}.")
-        return cls(**data)
-
-
 class Embedder(nn.Module):
     """A decoder LLM used as a text encoder. Build with ``from_pretrained``, reload with ``load``."""
 
-    def __init__(self, backbone: nn.Module, tokenizer, config: EmbedderConfig, pooler: nn.Module | None = None):
+    def __init__(self, backbone: nn.Module, tokenizer, config: EmbedderConfig, pooler: Pooler | None = None):
+        """``pooler``: the trainable pooler of a pooling that has weights; parameter-free poolings need none."""
         super().__init__()
         self.backbone = backbone
         self.tokenizer = tokenizer
@@ -101,8 +63,9 @@ class Embedder(nn.Module):
         self.attention_bias: attn.AttentionBias | None = None
         self.forward_hook: ForwardHook | None = None
         attn.set_mode(backbone, config.attention)
-        if config.pooling == "latent_attention" and pooler is None:
-            raise ValueError("pooling='latent_attention' needs a LatentAttentionPooling module.")
+        pooling = pooler_class(config.pooling)
+        if pooling.trainable and pooler is None:
+            raise ValueError(f"pooling={config.pooling!r} needs its trained {pooling.__name__} module.")
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -128,6 +91,7 @@ class Embedder(nn.Module):
         """Load a backbone from any spec (hub id, folder, .gguf, alias) and wrap it as an embedder.
 
         Pass ``backbone`` and ``tokenizer`` to wrap an already-loaded model (e.g. peft-wrapped) instead.
+        ``latent_attention``: the settings of a trainable pooler (built new: only training should ask for one).
         """
         dtype_name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
         config = EmbedderConfig(
@@ -141,16 +105,20 @@ class Embedder(nn.Module):
                 trust_remote_code=trust_remote_code,
             )
         pooler = None
-        if pooling == "latent_attention":
-            la = LatentAttentionConfig(hidden_size=backbone.config.hidden_size, **(latent_attention or {}))
-            config.latent_attention = asdict(la)
-            pooler = LatentAttentionPooling(la).to(device)
+        if pooler_class(pooling).trainable:  # a new, untrained pooler: the trainer trains it
+            pooler = pooler_class(pooling).build(backbone.config.hidden_size, latent_attention).to(device)
+            config.latent_attention = pooler.settings()
         return cls(backbone, tokenizer, config, pooler)
 
     # -- properties ----------------------------------------------------------------------------------------
     @property
     def dimension(self) -> int:
         return int(self.backbone.config.hidden_size)
+
+    @property
+    def active_pooler(self) -> Pooler:
+        """The pooler ``forward`` uses: the embedder's trained one, else the shared one of ``config.pooling``."""
+        return self.pooler if self.pooler is not None else shared_pooler(self.config.pooling)
 
     @property
     def device(self) -> torch.device:
@@ -189,23 +157,29 @@ class Embedder(nn.Module):
         """Un-normalised embeddings (B, H) with gradients (training uses this)."""
         pool_mask = attention_mask if pool_mask is None else pool_mask
         hidden = self.hidden_states(input_ids, attention_mask)
-        if self.pooler is not None:
-            return self.pooler.pool(hidden, pool_mask)
-        return pool(self.config.pooling, hidden, attention_mask, pool_mask)
+        return self.active_pooler.pool(hidden, attention_mask, pool_mask)
 
     # -- encode --------------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str], instruction: str | None = None) -> Tokenized:
+        """Token ids of ``instruction + template(text)``, each cut to ``config.max_length``."""
         return tokenize(
             self.tokenizer, texts, max_length=self.config.max_length, instruction=instruction,
-            template=self.config.template, append_eos=self.config.pooling == "eos",
+            template=self.config.template, append_eos=pooler_class(self.config.pooling).appends_eos,
         )
+
+    def _warn_truncated(self, tokenized: Tokenized) -> None:
+        if tokenized.n_truncated:
+            logger.warning(
+                "%d of %d texts were longer than max_length=%d tokens and were truncated.",
+                tokenized.n_truncated, len(tokenized), self.config.max_length,
+            )
 
     def collate(self, tokenized: Tokenized, rows: Sequence[int] | None = None, padding_side: str = "right"):
         """Pad some rows of a Tokenized into (input_ids, attention_mask, pool_mask) on this device."""
         rows = range(len(tokenized)) if rows is None else rows
         tensors = collate(
             [tokenized.ids[i] for i in rows], [tokenized.prefix_lengths[i] for i in rows],
-            pad_id=self.tokenizer.pad_token_id, padding_side=padding_side,
+            pad_id=padding_id(self.tokenizer, self.backbone), padding_side=padding_side,
         )
         return tuple(t.to(self.device) for t in tensors)
 
@@ -217,33 +191,38 @@ class Embedder(nn.Module):
         batch_size: int | None = None,
         normalize: bool | None = None,
         show_progress_bar: bool | None = None,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         padding_side: str = "right",
         workers: int | None = None,
+        dimensions: int | None = None,
+        *,
+        max_tokens: int | None = None,
     ) -> np.ndarray:
         """Encode texts to an (n, d) float32 array, in input order.
 
-        Tokenizes once, sorts by length and batches by a padded-token budget (``max_tokens``; ``batch_size``
-        caps texts per batch). ``instruction`` is prepended and attended to, but not pooled. ``workers``:
-        batches encoded in parallel, each on one torch thread (default: torch's thread count on CPU, 1 on
-        GPU or with a forward hook that is not thread-safe).
+        Tokenizes once (each text cut to ``config.max_length`` tokens), sorts by length and batches by a
+        padded-token budget (``max_batch_tokens``; ``batch_size`` caps texts per batch). ``instruction`` is
+        prepended and attended to, but not pooled. ``workers``: batches encoded in parallel, each on one torch
+        thread (default: torch's thread count on CPU, 1 on GPU or with a forward hook that is not thread-safe).
+        ``dimensions``: keep the first ``dimensions`` components (Matryoshka), then normalise (if normalising).
+        ``max_tokens`` is the deprecated name of ``max_batch_tokens``.
         """
+        if max_tokens is not None:
+            warnings.warn("Embedder.encode(max_tokens=) is deprecated and will be removed: use max_batch_tokens= "
+                          "(the padded-token budget of a batch).", FutureWarning, stacklevel=3)
+            max_batch_tokens = max_tokens
+        width = self._check_dimensions(dimensions)
         tokenized = self.tokenize(texts, instruction)
-        if tokenized.n_truncated:
-            logger.warning(
-                "%d of %d texts were longer than max_length=%d tokens and were truncated.",
-                tokenized.n_truncated, len(tokenized), self.config.max_length,
-            )
+        self._warn_truncated(tokenized)
         normalize = self.config.normalize if normalize is None else normalize
-        out = np.empty((len(tokenized), self.dimension), dtype=np.float32)
+        out = np.empty((len(tokenized), width), dtype=np.float32)
         if len(tokenized) == 0:
             return out
         workers = self.default_workers() if workers is None else workers
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}.")
-        lengths = [len(s) for s in tokenized.ids]
-        plan = plan_for_workers(lengths, max_tokens=max_tokens, max_batch=batch_size or DEFAULT_MAX_BATCH,
-                                workers=workers)
+        plan = plan_for_workers([len(s) for s in tokenized.ids], max_batch_tokens=max_batch_tokens,
+                                max_batch=batch_size or DEFAULT_MAX_BATCH, workers=workers)
         if show_progress_bar is None:
             show_progress_bar = len(tokenized) >= PROGRESS_BAR_MIN_TEXTS
         was_training = self.training
@@ -253,7 +232,7 @@ class Embedder(nn.Module):
                 bar_lock = threading.Lock()
 
                 def step(rows: list[int]) -> None:
-                    vectors = self(*self.collate(tokenized, rows, padding_side)).float()
+                    vectors = self(*self.collate(tokenized, rows, padding_side)).float()[:, :width]
                     if normalize:
                         vectors = torch.nn.functional.normalize(vectors, dim=-1)
                     out[rows] = vectors.cpu().numpy()
@@ -264,6 +243,20 @@ class Embedder(nn.Module):
         finally:
             self.train(was_training)
         return out
+
+    def _check_dimensions(self, dimensions: int | None) -> int:
+        """The output width for ``encode(dimensions=)``; warns once per call on dims the model was not trained
+        for (when it records its Matryoshka dims)."""
+        if dimensions is None:
+            return self.dimension
+        if isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= self.dimension:
+            raise ValueError(f"dimensions={dimensions!r} is out of range: this model's vectors have {self.dimension} "
+                             f"components; give 1 to {self.dimension} (or none for all).")
+        trained = self.config.matryoshka_dims
+        if trained and dimensions != self.dimension and dimensions not in trained:
+            logger.warning("dimensions=%d is not one of the Matryoshka dims this model was trained with %s: "
+                           "its truncated vectors may be much worse.", dimensions, trained)
+        return dimensions
 
     def default_workers(self) -> int:
         """Parallel encode batches: one per torch thread on CPU; 1 on GPU or under a stateful forward hook."""
@@ -294,17 +287,9 @@ class Embedder(nn.Module):
     def save(self, path: str | os.PathLike) -> Path:
         """Write the embedder atomically (temp folder, then rename) as an embedkit + sentence-transformers
         folder. A peft-wrapped backbone is saved merged."""
-        self._warn_if_sentence_transformers_differs(Path(path))
+        hooked = self.forward_hook is not None or self.attention_bias is not None
+        st_export.warn_if_differs(self.config, self.active_pooler, hooked, Path(path))
         return atomic_write_dir(path, self._write)
-
-    def _warn_if_sentence_transformers_differs(self, path: Path) -> None:
-        cfg = self.config
-        if cfg.pooling == "eos" or cfg.template is not None or self.forward_hook or self.attention_bias:
-            logger.warning(
-                "sentence-transformers cannot reproduce %s: SentenceTransformer(%s) will load but give "
-                "different vectors; use embedkit.Embedder.load for this model.",
-                "pooling='eos'" if cfg.pooling == "eos" else "a template or attention/forward hook", path,
-            )
 
     def _write(self, folder: Path) -> None:
         backbone = merged_copy(self.backbone)
@@ -314,43 +299,7 @@ class Embedder(nn.Module):
         tokenizer.padding_side = "right"  # sentence-transformers uses arange positions: right padding only
         tokenizer.save_pretrained(folder)
         (folder / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
-        self._write_sentence_transformers(folder)
-
-    def _write_sentence_transformers(self, folder: Path) -> None:
-        """The sentence-transformers side: modules.json and each module's config."""
-        cfg = self.config
-        modules = [{"idx": 0, "name": "0", "path": "",
-                    "type": "sentence_transformers.base.modules.transformer.Transformer"}]
-        (folder / "sentence_bert_config.json").write_text(json.dumps({
-            "transformer_task": "feature-extraction",
-            "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
-            "module_output_name": "token_embeddings",
-            "max_seq_length": cfg.max_length,
-        }, indent=2))
-        if self.pooler is not None:
-            modules.append({"idx": 1, "name": "1", "path": "1_LatentAttentionPooling",
-                            "type": "embedkit.pooling.LatentAttentionPooling"})
-            self.pooler.save(str(folder / "1_LatentAttentionPooling"))
-        else:
-            (folder / "1_Pooling").mkdir()
-            (folder / "1_Pooling" / "config.json").write_text(json.dumps({
-                "embedding_dimension": self.dimension, "pooling_mode": ST_POOLING_MODE[cfg.pooling],
-                "include_prompt": False,
-            }, indent=2))
-            modules.append({"idx": 1, "name": "1", "path": "1_Pooling",
-                            "type": "sentence_transformers.sentence_transformer.modules.pooling.Pooling"})
-        if cfg.normalize:
-            (folder / "2_Normalize").mkdir()
-            (folder / "2_Normalize" / "config.json").write_text(json.dumps({
-                "module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"}))
-            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                            "type": "sentence_transformers.base.modules.normalize.Normalize"})
-        (folder / "modules.json").write_text(json.dumps(modules, indent=2))
-        prompts = {"query": cfg.query_instruction or "", "document": cfg.document_instruction or ""}
-        (folder / "config_sentence_transformers.json").write_text(json.dumps({
-            "model_type": "SentenceTransformer", "prompts": prompts, "default_prompt_name": None,
-            "similarity_fn_name": "cosine",
-        }, indent=2))
+        st_export.write_sentence_transformers(folder, self.config, self.active_pooler, self.dimension)
 
     @classmethod
     def load(
@@ -371,12 +320,10 @@ class Embedder(nn.Module):
             trust_remote_code=trust_remote_code,
         )
         tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
-        pooler = None
-        if config.pooling == "latent_attention":
-            pooler = LatentAttentionPooling.load(str(path / "1_LatentAttentionPooling")).to(device)
+        pooling = pooler_class(config.pooling)
+        pooler = pooling.load_saved(st_export.pooler_folder(path, config.pooling)).to(device) \
+            if pooling.trainable else None
         embedder = cls(backbone, tokenizer, config, pooler)
-        from embedkit.methods import apply_methods  # noqa: PLC0415  (methods import the embedder)
-
         apply_methods(embedder)
         return embedder
 
@@ -401,7 +348,9 @@ def open_model(
     One override policy: a setting given (not None) either applies or is refused with a one-line error, never
     silently dropped. On a saved folder, ``attention`` switches the mode (verified by the probe), the runtime
     fields (``max_length``, ``normalize``, instructions, ``template``) replace the saved ones, and ``pooling``
-    or ``latent_attention`` must equal what was saved: the weights were trained with them.
+    or ``latent_attention`` must equal what was saved: the weights were trained with them. A backbone spec with
+    a trainable pooling is refused: its pooler would be untrained (``Embedder.from_pretrained`` builds one for
+    training).
     """
     overrides = {key: value for key, value in overrides.items() if value is not None}
     allowed = set(RUNTIME_FIELDS) | {"latent_attention"}
@@ -413,6 +362,10 @@ def open_model(
         resolve_dtype(dtype)  # a bad name fails before any loading
     folder = Path(spec)
     if not (folder / CONFIG_FILE).is_file():
+        if pooling is not None and pooler_class(pooling).trainable:
+            raise ValueError(f"pooling={pooling!r} on {spec} would be a new, untrained pooler (random vectors that "
+                             "change every run): open a saved embedder folder that has a trained one, or train one "
+                             "with 'embedkit train'.")
         return Embedder.from_pretrained(
             spec, attention=attention or "causal", pooling=pooling or "mean", dtype=dtype or "auto", device=device,
             trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, **overrides,
@@ -435,10 +388,6 @@ def open_model(
 
 def merged_copy(model: nn.Module) -> nn.Module:
     """The plain transformers model to save: a peft model is merged into a copy; others as they are."""
-    try:
-        from peft import PeftModel  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - peft is a core dependency
-        return model
     if isinstance(model, PeftModel):
         return copy.deepcopy(model).merge_and_unload()
     return model

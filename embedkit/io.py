@@ -16,9 +16,10 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 TMP_MARK = ".tmp-"  # temporary files are named ".<target name>.tmp-<random>"
 
@@ -99,10 +100,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -193,3 +190,55 @@ def iter_text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
                 raise ValueError(f"{path}:{number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
                                  f"{err.start + 1}); re-save the file as UTF-8.") from None
             yield number, line.rstrip("\r\n")
+
+
+# -- configs: one strict idiom for every settings object that is saved or given by a user ------------------------
+class ConfigError(ValueError):
+    """A bad setting in a config object: one line naming the setting, what was wrong and what is valid."""
+
+
+class StrictConfig(BaseModel):
+    """Base of embedkit's config objects: unknown keys, wrong types and bad values fail in one line, when built
+    and when a field is assigned later (``validate_assignment``), so a config never holds what it would refuse.
+
+    ``label`` names the object in errors (``Unknown <label> keys [...]; valid: [...]``).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    label: ClassVar[str] = ""
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise ConfigError(self._one_line(err)) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as err:
+            raise ConfigError(self._one_line(err)) from None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StrictConfig:
+        """Build from saved JSON or user settings (a dict), with the same one-line errors."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.label or cls.__name__} settings must be a mapping, got {type(data).__name__}.")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
+
+    @classmethod
+    def _one_line(cls, err: ValidationError) -> str:
+        label = cls.label or cls.__name__
+        errors = err.errors()
+        extra = sorted(str(e["loc"][-1]) for e in errors if e["type"] == "extra_forbidden")
+        if extra:
+            return f"Unknown {label} keys {extra}; valid: {sorted(cls.model_fields)}."
+        first = errors[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "value_error":  # our validators' messages name the setting already
+            return message
+        where = ".".join(str(part) for part in first["loc"])
+        return f"{label} setting {where!r}: {message} (got {first.get('input')!r})."

@@ -29,7 +29,7 @@ def test_encode_shape_order_and_norm(stories):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     # order is restored although batches are sorted by length
     np.testing.assert_allclose(stories.encode(TEXTS[::-1]), vectors[::-1], atol=1e-5)
-    np.testing.assert_allclose(stories.encode(TEXTS, max_tokens=16, batch_size=1), vectors, atol=1e-5)
+    np.testing.assert_allclose(stories.encode(TEXTS, max_batch_tokens=16, batch_size=1), vectors, atol=1e-5)
     raw = stories.encode(TEXTS, normalize=False)
     assert np.linalg.norm(raw, axis=1).min() > 1.5  # really un-normalised
 
@@ -118,7 +118,7 @@ def test_config_validation():
 def test_parallel_workers_give_the_same_vectors(stories):
     texts = [f"{t} ({i})" for i in range(12) for t in TEXTS]
     one = stories.encode(texts, workers=1)
-    np.testing.assert_allclose(stories.encode(texts, workers=3, max_tokens=64), one, atol=1e-5)
+    np.testing.assert_allclose(stories.encode(texts, workers=3, max_batch_tokens=64), one, atol=1e-5)
     threads = torch.get_num_threads()
     stories.encode(texts, workers=2)
     assert torch.get_num_threads() == threads  # the process-wide setting is restored
@@ -137,8 +137,8 @@ def test_parallel_batches_raise_the_first_error_and_stateful_hooks_run_alone(sto
     with pytest.raises(RuntimeError, match="batch 2 failed"):
         run_batches([[0], [1], [2], [3]], step, workers=2)
     assert set(seen) == {1}  # each worker runs torch single-threaded
-    assert split_for_workers([10] * 40, max_tokens=2048, workers=2) == 50  # 4 batches per worker
-    assert split_for_workers([300, 10], max_tokens=2048, workers=2) == 300  # never below the longest text
+    assert split_for_workers([10] * 40, max_batch_tokens=2048, workers=2) == 50  # 4 batches per worker
+    assert split_for_workers([300, 10], max_batch_tokens=2048, workers=2) == 300  # never below the longest text
     stories.forward_hook = lambda embedder, ids, mask: embedder.backbone(input_ids=ids, attention_mask=mask)[0]
     try:
         assert stories.default_workers() == 1
@@ -150,23 +150,24 @@ def test_parallel_batches_raise_the_first_error_and_stateful_hooks_run_alone(sto
 
 def test_batch_plan_respects_budget_and_covers_all():
     lengths = [5, 30, 7, 7, 100, 2, 64]
-    plan = plan_batches(lengths, max_tokens=128, max_batch=3)
+    plan = plan_batches(lengths, max_batch_tokens=128, max_batch=3)
     assert sorted(i for batch in plan for i in batch) == list(range(7))
     for batch in plan:
         assert len(batch) <= 3
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 128
-    assert plan_for_workers(lengths, max_tokens=128, max_batch=3, workers=1) == plan
+    assert plan_for_workers(lengths, max_batch_tokens=128, max_batch=3, workers=1) == plan
 
 
 def test_worker_plan_gives_each_worker_equally_full_batches():
     lengths = [10] * 90  # a share of 112 tokens cuts 8 full batches and a part-filled ninth
-    assert [len(b) for b in plan_batches(lengths, max_tokens=split_for_workers(lengths, 2048, 2))] == [11] * 8 + [2]
-    plan = plan_for_workers(lengths, max_tokens=2048, workers=2)
+    budget = split_for_workers(lengths, 2048, 2)
+    assert [len(b) for b in plan_batches(lengths, max_batch_tokens=budget)] == [11] * 8 + [2]
+    plan = plan_for_workers(lengths, max_batch_tokens=2048, workers=2)
     assert [len(b) for b in plan] == [9] * 10  # 5 batches per worker, all the same size
     assert sorted(i for batch in plan for i in batch) == list(range(90))
     mixed = [3 + (i * 7) % 40 for i in range(500)]
     for workers in (2, 3):
-        plan = plan_for_workers(mixed, max_tokens=2048, max_batch=64, workers=workers)
+        plan = plan_for_workers(mixed, max_batch_tokens=2048, max_batch=64, workers=workers)
         assert len(plan) % workers == 0 and sorted(i for b in plan for i in b) == list(range(500))
         assert all(len(b) <= 64 for b in plan)
 
@@ -250,7 +251,7 @@ def test_compiled_layers_give_the_same_vectors_and_weights(stories_path):
     assert is_compiled(embedder.backbone)
     assert embedder.backbone.config._attn_implementation == "eager"  # what inductor can fuse, unlike sdpa's kernel
     # batches of several sizes and lengths: one dynamic-shape graph serves them all
-    np.testing.assert_allclose(embedder.encode(texts, max_tokens=64), eager, atol=1e-4)
+    np.testing.assert_allclose(embedder.encode(texts, max_batch_tokens=64), eager, atol=1e-4)
     assert embedder.fingerprint() == fingerprint and list(embedder.state_dict()) == keys
     assert torch._dynamo.config.cache_size_limit >= 8 * embedder.backbone.config.num_hidden_layers
     embedder.forward_hook = lambda e, ids, mask: e.backbone(input_ids=ids, attention_mask=mask)[0]
@@ -275,3 +276,127 @@ def test_open_model_applies_or_refuses_every_override(stories_path, tmp_path):
         open_model(saved, dtype="fp8")
     fresh = open_model(stories_path, pooling="last", max_length=16, dtype="float32")
     assert (fresh.config.pooling, fresh.config.max_length, fresh.config.attention) == ("last", 16, "causal")
+
+
+# -- the batch budget's name, Matryoshka dimensions, configs ------------------------------------------------------
+def test_max_tokens_is_a_deprecated_alias_of_max_batch_tokens(stories):
+    expected = stories.encode(TEXTS, max_batch_tokens=16)
+    with pytest.warns(FutureWarning, match=r"max_tokens=\) is deprecated.*use max_batch_tokens="):
+        got = stories.encode(TEXTS, max_tokens=16)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_dimensions_truncate_then_renormalise(stories, caplog):
+    full = stories.encode(TEXTS, normalize=False)
+    short = stories.encode(TEXTS, dimensions=16)
+    assert short.shape == (4, 16)
+    np.testing.assert_allclose(short, full[:, :16] / np.linalg.norm(full[:, :16], axis=1, keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(stories.encode(TEXTS, dimensions=16, normalize=False), full[:, :16], atol=1e-6)
+    np.testing.assert_array_equal(stories.encode(TEXTS, dimensions=64), stories.encode(TEXTS))
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match=rf"^dimensions={bad} is out of range: this model's vectors have 64 "
+                                             r"components; give 1 to 64 \(or none for all\)\.$"):
+            stories.encode(TEXTS, dimensions=bad)
+    assert "Matryoshka" not in caplog.text  # not a Matryoshka-trained model: nothing to warn about
+
+
+def test_matryoshka_dims_are_recorded_and_other_dims_warn_once(stories_path, tmp_path, caplog):
+    embedder = Embedder.from_pretrained(stories_path, dtype="float32")
+    before = embedder.fingerprint()
+    assert "matryoshka_dims" not in embedder.config.to_dict()  # old configs keep their key set and fingerprint
+    embedder.config.matryoshka_dims = [16, 32, 64]
+    assert embedder.fingerprint() != before
+    loaded = Embedder.load(embedder.save(tmp_path / "m"))
+    assert loaded.config.matryoshka_dims == [16, 32, 64]
+    with caplog.at_level(logging.WARNING, logger="embedkit.embedder"):
+        loaded.encode(TEXTS, dimensions=32)
+        assert "Matryoshka" not in caplog.text
+        loaded.encode(TEXTS, dimensions=24)
+    warnings = [r for r in caplog.records if "Matryoshka" in r.getMessage()]
+    assert len(warnings) == 1 and "dimensions=24 is not one of the Matryoshka dims" in warnings[0].getMessage()
+    with pytest.raises(ValueError, match=r"matryoshka_dims must be a non-empty list of positive widths, got \[0\]"):
+        EmbedderConfig(backbone="x", matryoshka_dims=[0])
+
+
+OLD_EMBEDKIT_JSON = {  # as the code before the pydantic config wrote it (tests/fixtures/saved-embedder-v0)
+    "backbone": "/work/shared/models/stories260K", "attention": "bidirectional", "pooling": "mean",
+    "max_length": 512, "normalize": True, "dtype": "float32", "query_instruction": "q: ",
+    "document_instruction": None, "template": None, "latent_attention": None, "methods": {},
+}
+
+
+def test_old_saved_config_loads_with_the_same_keys():
+    config = EmbedderConfig.from_dict(dict(OLD_EMBEDKIT_JSON))
+    assert config.to_dict() == OLD_EMBEDKIT_JSON  # same keys and values: the fingerprint's hash input is unchanged
+    assert list(config.to_dict()) == list(OLD_EMBEDKIT_JSON)
+
+
+def test_saved_folder_from_before_the_redesign_loads(stories_path, tmp_path):
+    import pathlib  # noqa: PLC0415
+
+    fixture = pathlib.Path(__file__).parent / "fixtures" / "saved-embedder-v0"
+    if not fixture.is_dir():  # the golden branch adds it; until then build the same folder and rewrite its config
+        fixture = Embedder.from_pretrained(stories_path, dtype="float32", attention="bidirectional",
+                                           query_instruction="q: ").save(tmp_path / "v0")
+        (fixture / "embedkit.json").write_text(json.dumps(OLD_EMBEDKIT_JSON, indent=2))
+    loaded = Embedder.load(fixture)
+    assert loaded.config.to_dict() == json.loads((fixture / "embedkit.json").read_text())
+    fresh = Embedder.from_pretrained(stories_path, dtype="float32", attention="bidirectional", query_instruction="q: ")
+    np.testing.assert_allclose(loaded.encode(TEXTS), fresh.encode(TEXTS), atol=1e-6)
+
+
+def test_configs_refuse_bad_values_in_one_line_also_on_assignment(stories_path):
+    config = EmbedderConfig(backbone="x")
+    with pytest.raises(ValueError, match=r"^Unknown pooling 'max'; valid: mean, weighted_mean, last, eos, first"):
+        config.pooling = "max"
+    assert config.pooling == "mean"
+    with pytest.raises(ValueError, match=r"^max_length must be at least 2, got 0\.$"):
+        config.max_length = 0
+    with pytest.raises(ValueError, match=r"^EmbedderConfig setting 'max_length': Input should be a valid integer"):
+        EmbedderConfig(backbone="x", max_length="64")
+    with pytest.raises(ValueError, match=r"^Unknown EmbedderConfig keys \['colour'\]; valid: \["):
+        EmbedderConfig.from_dict({"backbone": "x", "colour": "red"})
+
+
+# -- issue 15 defects ---------------------------------------------------------------------------------------------
+def test_open_model_refuses_an_untrained_pooler_on_a_plain_backbone(stories_path):
+    from embedkit.embedder import open_model  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match=r"^pooling='latent_attention' on .*stories260K would be a new, untrained "
+                                         r"pooler \(random vectors that change every run\): open a saved embedder"):
+        open_model(stories_path, pooling="latent_attention", dtype="float32")
+    with pytest.raises(ValueError, match=r"^max_length must be at least 2, got 0\.$"):
+        open_model(stories_path, max_length=0, dtype="float32")
+
+
+def test_pad_id_outside_the_embedding_matrix_pads_with_a_valid_id(stories_path):
+    embedder = Embedder.from_pretrained(stories_path, dtype="float32")
+    rows = embedder.backbone.get_input_embeddings().weight.shape[0]
+    embedder.tokenizer.add_special_tokens({"pad_token": "<new-pad>"})  # added without resizing the model
+    assert embedder.tokenizer.pad_token_id >= rows
+    alone = np.stack([embedder.encode([t])[0] for t in TEXTS])
+    for side in ("left", "right"):
+        np.testing.assert_allclose(embedder.encode(TEXTS, padding_side=side), alone, atol=1e-5)
+
+
+def test_a_method_registered_outside_the_package_is_saved_and_reinstalled(stories_path, tmp_path, monkeypatch):
+    from embedkit import method_registry  # noqa: PLC0415
+
+    monkeypatch.setattr(method_registry, "METHODS", dict(method_registry.METHODS))
+    calls = []
+
+    @method_registry.register_method("toy_scale")
+    def apply(embedder, settings):
+        calls.append(settings)
+        embedder.forward_hook = lambda e, ids, mask: e.backbone(input_ids=ids, attention_mask=mask)[0] * 2.0
+        return {"factor": 2.0}
+
+    embedder = Embedder.from_pretrained(stories_path, dtype="float32", normalize=False)
+    plain = embedder.encode(TEXTS)
+    method_registry.enable_method(embedder, "toy_scale")
+    np.testing.assert_allclose(embedder.encode(TEXTS), 2 * plain, atol=1e-5)
+    loaded = Embedder.load(embedder.save(tmp_path / "toy"))
+    assert loaded.config.methods == {"toy_scale": {"factor": 2.0}} and calls[-1] == {"factor": 2.0}
+    np.testing.assert_allclose(loaded.encode(TEXTS), 2 * plain, atol=1e-5)
+    with pytest.raises(ValueError, match=r"Unknown method 'nope' in the embedder config; known: \["):
+        method_registry.enable_method(loaded, "nope")

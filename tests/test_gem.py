@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from embedkit import Embedder
 from embedkit import attention as attn
-from embedkit.backbone import load_tokenizer
+from embedkit.backbone import decoder_layers, load_tokenizer
 from embedkit.methods import gem
-from embedkit.methods.common import add_tokens, decoder_layers
+from embedkit.methods.common import add_tokens
 
 TEXTS = ["Once upon a time there was a little dog", "The cat sat on the mat", "Lily liked to play"]
 

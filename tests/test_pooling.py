@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 
 from embedkit import Embedder
-from embedkit.pooling import LatentAttentionConfig, LatentAttentionPooling, pool
+from embedkit.pooling import LatentAttentionConfig, LatentAttentionPooling, pooler_class, shared_pooler
 
 TEXTS = ["The quick brown fox jumps over the lazy dog", "Hi there", "A third, medium length sentence."]
 INSTRUCTION = "Retrieve passages that answer the question: "
@@ -76,9 +76,11 @@ def test_last_first_eos_weighted_definitions():
     np.testing.assert_allclose(weighted.encode(TEXTS[:1])[0], expected.numpy(), atol=1e-5)
 
 
-def test_pool_rejects_unknown_mode():
-    with pytest.raises(ValueError, match="no parameter-free mode 'max'"):
-        pool("max", torch.zeros(1, 2, 3), torch.ones(1, 2), torch.ones(1, 2))
+def test_registry_rejects_unknown_and_trainable_shared_poolers():
+    with pytest.raises(ValueError, match="Unknown pooling 'max'; valid: mean, weighted_mean, last, eos, first"):
+        pooler_class("max")
+    with pytest.raises(ValueError, match="pooling 'latent_attention' has trained weights"):
+        shared_pooler("latent_attention")
 
 
 def test_unknown_pooling_lists_valid():
@@ -90,11 +92,48 @@ def test_latent_attention_pooler_is_trainable_and_masked():
     pooler = LatentAttentionPooling(LatentAttentionConfig(hidden_size=16, num_latents=8, num_heads=2))
     hidden = torch.randn(2, 5, 16)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    out = pooler.pool(hidden, mask)
+    out = pooler.pool(hidden, mask, mask)
     assert out.shape == (2, 16)
     # padded positions do not matter
     noisy = hidden.clone()
     noisy[0, 3:] = 100.0
-    torch.testing.assert_close(pooler.pool(noisy, mask)[0], out[0])
+    torch.testing.assert_close(pooler.pool(noisy, mask, mask)[0], out[0])
     out.sum().backward()
     assert pooler.latents.grad is not None and pooler.latents.grad.abs().sum() > 0
+
+
+def test_a_pooling_registered_outside_the_package_encodes_saves_and_loads_in_sentence_transformers(
+        stories_path, tmp_path, monkeypatch):
+    import json  # noqa: PLC0415
+
+    from sentence_transformers import SentenceTransformer  # noqa: PLC0415
+
+    from embedkit.pooling import base  # noqa: PLC0415
+
+    monkeypatch.setattr(base, "POOLERS", dict(base.POOLERS))
+
+    @base.register_pooler
+    class MaxPooler(base.Pooler):
+        name = "toy_max"
+        st_pooling_mode = "max"
+
+        def pool(self, hidden, attention_mask, pool_mask):
+            return hidden.masked_fill(~pool_mask.bool().unsqueeze(-1), float("-inf")).max(dim=1).values
+
+    embedder = Embedder.from_pretrained(stories_path, dtype="float32", pooling="toy_max")
+    hidden, mask, pool_mask, _ = hidden_and_masks(embedder, TEXTS)
+    expected = torch.stack([hidden[i, :int(mask[i].sum())].max(dim=0).values for i in range(len(TEXTS))])
+    got = embedder.encode(TEXTS, normalize=False)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-3, atol=1e-5)
+    folder = embedder.save(tmp_path / "toy")
+    assert json.loads((folder / "1_Pooling" / "config.json").read_text())["pooling_mode"] == "max"
+    st = SentenceTransformer(str(folder))
+    np.testing.assert_allclose(st.encode(TEXTS), embedder.encode(TEXTS), atol=1e-5)
+    assert Embedder.load(folder).config.pooling == "toy_max"
+
+
+def test_old_latent_attention_module_path_stays_importable():
+    import importlib  # noqa: PLC0415
+
+    assert importlib.import_module("embedkit.pooling").LatentAttentionPooling is LatentAttentionPooling
+    assert LatentAttentionPooling.module_type == "embedkit.pooling.LatentAttentionPooling"

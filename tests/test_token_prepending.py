@@ -13,7 +13,8 @@ import torch
 from conftest import tiny_model
 
 from embedkit import Embedder
-from embedkit.methods.common import decoder_layers, first_match, last_index
+from embedkit.backbone import decoder_layers
+from embedkit.methods.common import first_match, last_index
 from embedkit.methods.token_prepending import (
     PROMPTS,
     TokenPrependingSettings,

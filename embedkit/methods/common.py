@@ -1,29 +1,9 @@
-"""Helpers the methods share: find the decoder layers, locate tokens per row, add new tokens."""
+"""Helpers the methods share: locate tokens per row, add new tokens (the decoder layers: ``backbone``)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The plain transformers model under a peft wrapper (or the model itself)."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder's list of layers (``model.layers`` for Llama-style models; found by size otherwise)."""
-    model = base_model(model)
-    count = getattr(model.config, "num_hidden_layers", None)
-    layers = getattr(model, "layers", None)
-    if isinstance(layers, nn.ModuleList) and (count is None or len(layers) == count):
-        return layers
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count:
-            return module
-    raise ValueError(f"Cannot find the decoder layers of {type(model).__name__} (no ModuleList of "
-                     f"{count} layers); this method needs a decoder-only transformers model.")
 
 
 def last_index(mask: torch.Tensor) -> torch.Tensor:

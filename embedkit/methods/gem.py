@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import field_validator
 from torch import nn
 
 from embedkit import attention as attn
-from embedkit.methods import enable, register
+from embedkit.backbone import padding_id
+from embedkit.io import StrictConfig
+from embedkit.method_registry import enable_method, register_method
 from embedkit.methods.common import add_tokens, last_index
 
 NAME = "gem"
@@ -164,22 +166,20 @@ def special_states(hidden: torch.Tensor, segments: torch.Tensor) -> torch.Tensor
 
 # -- the embedder method -------------------------------------------------------------------------------------
 
-@dataclass
-class GEMSettings:
+class GEMSettings(StrictConfig):
+    """What ``embedkit.json`` stores under ``methods.gem``."""
+
+    label = "gem settings"
+
     num_special_tokens: int = 1
     isolate_special_tokens: bool = True
 
-    def __post_init__(self) -> None:
-        if self.num_special_tokens < 1:
-            raise ValueError(f"num_special_tokens must be >= 1, got {self.num_special_tokens}.")
-
+    @field_validator("num_special_tokens")
     @classmethod
-    def from_dict(cls, data: dict) -> GEMSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown gem settings {unknown}; valid: {sorted(known)}.")
-        return cls(**data)
+    def _count(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"num_special_tokens must be >= 1, got {value}.")
+        return value
 
 
 class GEMHook:
@@ -195,7 +195,7 @@ class GEMHook:
         real = attention_mask.bool()
         for r in range(input_ids.shape[0]):
             rows.append(build_row(input_ids[r][real[r]].tolist(), self.special_ids))
-        ids, mask, segments, _ = pad_rows(rows, embedder.tokenizer.pad_token_id)
+        ids, mask, segments, _ = pad_rows(rows, padding_id(embedder.tokenizer, embedder.backbone))
         ids, mask, segments = (t.to(input_ids.device) for t in (ids, mask, segments))
         bias = gem_bias(segments, isolate_special_tokens=self.settings.isolate_special_tokens)
         model = embedder.backbone
@@ -209,7 +209,7 @@ class GEMHook:
         return out.index_put((batch, last_index(attention_mask)), pooled)
 
 
-@register(NAME)
+@register_method(NAME)
 def apply(embedder, settings: dict) -> dict:
     parsed = GEMSettings.from_dict(settings)
     if embedder.config.pooling != "last":
@@ -217,13 +217,13 @@ def apply(embedder, settings: dict) -> dict:
     ids, _ = add_tokens(embedder.tokenizer, embedder.backbone, special_tokens(parsed.num_special_tokens),
                         init="mean", special=True)
     embedder.forward_hook = GEMHook(parsed, ids)
-    return asdict(parsed)
+    return parsed.to_dict()
 
 
 def enable_gem(embedder, num_special_tokens: int = 1, isolate_special_tokens: bool = True) -> None:
     """Embed with GEM's special tokens (added if missing) and record the setting for save / load."""
     embedder.config.pooling = "last"
-    enable(embedder, NAME, {"num_special_tokens": num_special_tokens,
+    enable_method(embedder, NAME, {"num_special_tokens": num_special_tokens,
                             "isolate_special_tokens": isolate_special_tokens})
 
 
@@ -243,7 +243,7 @@ def perplexity(causal_lm: nn.Module, tokenizer, texts: Sequence[str], *, max_len
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         for start in range(0, len(order), batch_size):
             chunk = [encoded[i] for i in order[start:start + batch_size]]
-            ids, mask, _, _ = pad_rows([(c, [PREFIX] * len(c)) for c in chunk], tokenizer.pad_token_id)
+            ids, mask, _, _ = pad_rows([(c, [PREFIX] * len(c)) for c in chunk], padding_id(tokenizer, causal_lm))
             ids, mask = ids.to(device), mask.to(device)
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = causal_lm(input_ids=ids, attention_mask=mask, position_ids=position_ids,

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from embedkit.attention import AttentionBias, additive_mask
+from embedkit.io import StrictConfig
 
 # (query positions (B, L, 1), key positions (B, 1, L), lengths (B, 1, 1)), all float, 1-based -> f (B, L, L)
 WeightFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -129,12 +130,16 @@ class SoftMaskSchedule:
         embedder.attention_bias = soft_mask_bias(self.alpha(step), self.weight)
 
 
-SCHEDULE_KEYS = ("weight", "tau", "tau_fraction")
+class SoftMaskSettings(StrictConfig):
+    """A recipe stage's ``soft_mask`` settings (see ``SoftMaskSchedule``)."""
+
+    label = "soft_mask settings"
+
+    weight: str = "linear"
+    tau: int | None = None
+    tau_fraction: float | None = None
 
 
 def schedule_from_settings(settings: dict, stage_config, total_steps: int) -> SoftMaskSchedule:
     """The trainer's attention-schedule factory signature ``(settings, stage_config, total_steps)``."""
-    unknown = sorted(set(settings) - set(SCHEDULE_KEYS))
-    if unknown:
-        raise ValueError(f"Unknown soft_mask settings {unknown}; valid: {', '.join(SCHEDULE_KEYS)}.")
-    return SoftMaskSchedule(total_steps, **settings)
+    return SoftMaskSchedule(total_steps, **SoftMaskSettings.from_dict(settings).to_dict())

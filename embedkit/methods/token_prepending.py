@@ -18,13 +18,18 @@ settings in the embedder config, so ``save`` / ``Embedder.load`` reproduce the s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
+import yaml
+from pydantic import model_validator
 
 from embedkit import attention as attn
-from embedkit.methods import enable, register
-from embedkit.methods.common import add_tokens, decoder_layers, first_match, last_index
+from embedkit.backbone import decoder_layers
+from embedkit.embedder import Embedder
+from embedkit.io import StrictConfig
+from embedkit.method_registry import enable_method, register_method
+from embedkit.methods.common import add_tokens, first_match, last_index
 
 NAME = "token_prepending"
 PLACEHOLDER = "<PST>"
@@ -40,9 +45,10 @@ PROMPTS = {
 }
 
 
-@dataclass
-class TokenPrependingSettings:
+class TokenPrependingSettings(StrictConfig):
     """What ``embedkit.json`` stores under ``methods.token_prepending``."""
+
+    label = "token_prepending settings"
 
     start_layer: int = 1  # first decoder layer (0-based) whose input gets the placeholder overwritten
     end_layer: int = 8  # exclusive; the paper's Llama-2-7B setting is 1..7 of 32 layers
@@ -51,7 +57,8 @@ class TokenPrependingSettings:
     placeholder_init: str = "random"  # new embedding row: 'random' (as the paper, but seeded) or 'mean'
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> TokenPrependingSettings:
         if self.start_layer < 0 or self.end_layer <= self.start_layer:
             raise ValueError(f"Token Prepending needs 0 <= start_layer < end_layer, got {self.start_layer}, "
                              f"{self.end_layer}.")
@@ -59,14 +66,7 @@ class TokenPrependingSettings:
             raise ValueError(f"output_layer counts decoder layers from 1, got {self.output_layer}.")
         if self.placeholder_init not in ("random", "mean"):
             raise ValueError(f"placeholder_init must be 'random' or 'mean', got {self.placeholder_init!r}.")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TokenPrependingSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown token_prepending settings {unknown}; valid: {sorted(known)}.")
-        return cls(**data)
+        return self
 
 
 def parse_layer_range(text: str) -> tuple[int, int]:
@@ -140,7 +140,7 @@ class TokenPrependingHook:
                 handle.remove()
 
 
-@register(NAME)
+@register_method(NAME)
 def apply(embedder, settings: dict) -> dict:
     """Install Token Prepending on an embedder (idempotent; used by ``Embedder.load``)."""
     parsed = TokenPrependingSettings.from_dict(settings)
@@ -154,7 +154,7 @@ def apply(embedder, settings: dict) -> dict:
     (placeholder_id,), _ = add_tokens(embedder.tokenizer, embedder.backbone, [parsed.placeholder],
                                       init=parsed.placeholder_init, seed=parsed.seed, special=True)
     embedder.forward_hook = TokenPrependingHook(parsed, placeholder_id)
-    return asdict(parsed)
+    return parsed.to_dict()
 
 
 def enable_token_prepending(embedder, prompt: str = "prompteol", *, start_layer: int = 1, end_layer: int = 8,
@@ -166,7 +166,7 @@ def enable_token_prepending(embedder, prompt: str = "prompteol", *, start_layer:
         raise ValueError(f"Unknown prompt {prompt!r}: give one of {sorted(PROMPTS)} or a template with '{{text}}'.")
     embedder.config.template = template
     embedder.config.pooling = "last"
-    enable(embedder, NAME, {"start_layer": start_layer, "end_layer": end_layer, "output_layer": output_layer,
+    enable_method(embedder, NAME, {"start_layer": start_layer, "end_layer": end_layer, "output_layer": output_layer,
                             **settings})
 
 
@@ -181,12 +181,6 @@ def enable_from_option(embedder, layer_range: str, prompt: str = "prompteol", ou
 def build_from_recipe(path) -> object:
     """An embedder from a Token Prepending recipe (YAML): ``model`` (base, dtype, max_length) and
     ``token_prepending`` (prompt, start_layer, end_layer, output_layer, placeholder_init)."""
-    from pathlib import Path  # noqa: PLC0415
-
-    import yaml  # noqa: PLC0415
-
-    from embedkit.embedder import Embedder  # noqa: PLC0415
-
     data = yaml.safe_load(Path(path).read_text())
     if not isinstance(data, dict) or "model" not in data or NAME not in data:
         raise ValueError(f"{path}: a Token Prepending recipe has 'model' and '{NAME}' sections.")

@@ -132,7 +132,7 @@ class LoadedModel:
     fingerprint: str
     dimension: int
     parameters: int
-    max_tokens: int | None
+    max_length: int | None
     config: dict
     own_instructions: dict[str, str | None] = field(default_factory=dict)  # role -> instruction
     model: Any = None
@@ -167,7 +167,7 @@ def from_embedder(embedder, label: str | None = None, spec: str | None = None) -
     return LoadedModel(
         label=label or default_label(spec or cfg.backbone, embedder), spec=str(spec or cfg.backbone),
         backend="embedkit", encode=encode, fingerprint=embedder.fingerprint(), dimension=embedder.dimension,
-        parameters=sum(p.numel() for p in embedder.parameters()), max_tokens=cfg.max_length, config=cfg.to_dict(),
+        parameters=sum(p.numel() for p in embedder.parameters()), max_length=cfg.max_length, config=cfg.to_dict(),
         own_instructions={"query": cfg.query_instruction, "document": cfg.document_instruction}, model=embedder,
         runtime=_runtime(embedder),
     )
@@ -185,7 +185,7 @@ def from_sentence_transformer(model, label: str, spec: str) -> LoadedModel:
     return LoadedModel(
         label=label, spec=spec, backend="sentence-transformers", encode=encode,
         fingerprint=module_fingerprint(model, config), dimension=int(dimension),
-        parameters=sum(p.numel() for p in model.parameters()), max_tokens=model.max_seq_length, config=config,
+        parameters=sum(p.numel() for p in model.parameters()), max_length=model.max_seq_length, config=config,
         model=model, runtime=_runtime(model),
     )
 
@@ -270,7 +270,7 @@ class EmbedkitEncoder(AbsEncoder):
         framework = ["PyTorch", "Transformers"] if model.backend == "embedkit" else ["Sentence Transformers"]
         self.mteb_model_meta = ModelMeta(
             loader=None, name=f"embedkit/{model.label}", revision=model.fingerprint, release_date=None,
-            languages=None, n_parameters=model.parameters, memory_usage_mb=None, max_tokens=model.max_tokens,
+            languages=None, n_parameters=model.parameters, memory_usage_mb=None, max_tokens=model.max_length,
             embed_dim=model.dimension, license=None, open_weights=True, public_training_code=None,
             public_training_data=None, framework=framework, similarity_fn_name="cosine", use_instructions=uses,
             training_datasets=None,

@@ -14,7 +14,7 @@ from embedkit.embedder import open_model
 from embedkit.index.folder import INDEX_FORMAT, INDEX_VERSION, StoredIds, index_problem, open_texts
 from embedkit.index.registry import IndexType, all_knobs, get_index_type
 from embedkit.io import read_json
-from embedkit.methods import apply_methods
+from embedkit.method_registry import apply_methods
 
 MMAP_MIN_BYTES = 256 << 20  # Index.load memory-maps index files at least this large (mmap=None)
 

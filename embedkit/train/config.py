@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from embedkit.attention import ATTENTION_MODES
 from embedkit.io import safe_name
-from embedkit.pooling import POOLING_MODES
+from embedkit.pooling import check_pooling
 
 AttentionMode = Literal[ATTENTION_MODES]  # type: ignore[valid-type]
-PoolingMode = Literal[POOLING_MODES]  # type: ignore[valid-type]
+PoolingMode = Annotated[str, AfterValidator(check_pooling)]  # any registered pooling, plug-ins included
 Int = Annotated[int, Field(strict=True)]
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]

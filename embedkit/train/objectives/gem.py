@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from embedkit import attention as attn
+from embedkit.backbone import padding_id
 from embedkit.methods import gem
 from embedkit.methods.common import add_tokens
 from embedkit.train.config import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, StageConfig, Unit
@@ -71,7 +72,7 @@ class GEM(Objective):
 
     def _forward(self, rows_built, labels=None):
         emb = self.ctx.embedder
-        ids, mask, segments, label_t = gem.pad_rows(rows_built, self.ctx.tokenizer.pad_token_id, labels)
+        ids, mask, segments, label_t = gem.pad_rows(rows_built, padding_id(self.ctx.tokenizer, emb.backbone), labels)
         ids, mask, segments, label_t = (t.to(emb.device) for t in (ids, mask, segments, label_t))
         # always the GEM mask (causal for plain rows), whatever attention mode the recipe gives the model
         bias = gem.gem_bias(segments, isolate_special_tokens=self.config.isolate_special_tokens)

@@ -95,9 +95,10 @@ async def _load(app: FastAPI, settings: ServeSettings, load: Loader, on_error) -
         logger.info("serving %s (%d-d)%s", settings.model_name, embedder.dimension,
                     f" with an index of {len(index):,} vectors" if index is not None else "")
     except Exception as error:  # noqa: BLE001 - reported on /health and to the caller
-        logger.error("loading the model failed: %s", error)
         app.state.load_error = str(error)
-        if on_error is not None:
+        if on_error is None:
+            logger.error("loading the model failed: %s", error)
+        else:
             on_error(error)
 
 

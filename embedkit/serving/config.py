@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from embedkit.batching import DEFAULT_MAX_TOKENS
 
@@ -40,6 +40,16 @@ class ServeSettings(BaseModel):
             raise ValueError(f"max_queue_texts={self.max_queue_texts} is below max_texts_per_request="
                              f"{self.max_texts_per_request}: a full-size request could never be queued; raise it.")
         return self
+
+    @classmethod
+    def from_options(cls, **options) -> ServeSettings:
+        """Settings from command-line options: a bad one is a one-line ValueError naming it."""
+        try:
+            return cls(**options)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "settings"
+            raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 def default_model_name(spec: str) -> str:

@@ -46,6 +46,7 @@ def serve(settings: ServeSettings, load: Callable[[], tuple[object, object | Non
             server.should_exit = True
 
     app = create_app(settings, load, on_load_error=stop)
+    logging.getLogger("embedkit.serving").setLevel(getattr(logging, log_level.upper()))  # access lines with ids
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: reachable from other machines%s", host,
                        "" if settings.api_key else f" and without an API key (set --api-key or {API_KEY_ENV})")

@@ -61,8 +61,7 @@ def create_app(settings: ServeSettings, load: Loader, on_load_error: Callable[[B
         if app.state.loaded is not None:
             await app.state.loaded.batcher.stop()
 
-    app = FastAPI(title="embedkit", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  telemetry={"tracing": False, "metrics": False, "logs": False})
+    app = FastAPI(title="embedkit", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.loaded = None
     app.state.load_error = None

@@ -8,6 +8,9 @@ from collections.abc import Callable
 
 import uvicorn
 
+from embedkit.embedder import open_model
+from embedkit.hardware import apply_thread_policy
+from embedkit.index import Index
 from embedkit.serving.app import create_app
 from embedkit.serving.config import ServeSettings
 
@@ -22,10 +25,6 @@ def model_loader(model: str, index_dir: str | None = None, *, threads: int | Non
     policy of the encode path, and the index checked against that model (its fingerprint must match)."""
 
     def load():
-        from embedkit.embedder import open_model  # noqa: PLC0415  (torch and transformers: heavy)
-        from embedkit.hardware import apply_thread_policy  # noqa: PLC0415
-        from embedkit.index import Index  # noqa: PLC0415
-
         apply_thread_policy(threads)
         embedder = open_model(model, **open_options)
         index = None if index_dir is None else Index.load(index_dir, embedder=embedder, check_model=check_model)

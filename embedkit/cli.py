@@ -132,3 +132,43 @@ app.command(name="train")(_train)
 from embedkit.corpus.cli import register as _register_corpus  # noqa: E402
 
 _register_corpus(app)  # encode, index build/info, search
+
+
+@app.command()
+def serve(model: ModelArg,
+          index: Annotated[str, typer.Option(help="Index folder for /v1/search (built with this model).")] = None,
+          host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")]
+          = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+          api_key: Annotated[str, typer.Option(envvar="EMBEDKIT_API_KEY", show_default=False, help="Require "
+                                               "'Authorization: Bearer KEY' on /v1/*.")] = None,
+          model_name: Annotated[str, typer.Option(help="Name clients pass as `model` (default: the folder's "
+                                                  "name or the spec).")] = None,
+          attention: AttentionOpt = None, pooling: PoolingOpt = None, dtype: DtypeOpt = "auto",
+          max_length: Annotated[int, typer.Option(help="Tokens per text (longer texts are truncated).")] = None,
+          dimensions: Annotated[int, typer.Option(help="Matryoshka width of requests that give none.")] = None,
+          threads: Annotated[int, typer.Option(help="Torch threads (default: the CPUs this process may use).")]
+          = None,
+          max_wait_ms: Annotated[float, typer.Option(help="Longest wait for requests to batch with.")] = 5.0,
+          max_queue: Annotated[int, typer.Option(help="Texts queued for the model; beyond: 503.")] = 8192,
+          max_texts: Annotated[int, typer.Option(help="Texts per request.")] = 2048,
+          max_chars: Annotated[int, typer.Option(help="Characters per text.")] = 32_000,
+          max_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 300_000,
+          check_model: Annotated[bool, typer.Option("--check-model/--no-check-model", help="Refuse an --index "
+                                                    "built by another model (fingerprint).")] = True) -> None:
+    """Serve MODEL over HTTP: OpenAI's /v1/embeddings (and /v1/search with --index), with dynamic batching."""
+    def body():
+        from embedkit.serving import ServeSettings, default_model_name, model_loader  # noqa: PLC0415
+        from embedkit.serving import serve as run_server  # noqa: PLC0415
+
+        settings = ServeSettings.from_options(
+            model_name=model_name or default_model_name(model), api_key=api_key or None, max_wait_ms=max_wait_ms,
+            max_queue_texts=max_queue, max_texts_per_request=max_texts, max_chars_per_text=max_chars,
+            max_tokens_per_request=max_tokens, default_dimensions=dimensions,
+        )
+        load = model_loader(model, index, threads=threads, check_model=check_model, attention=attention,
+                            pooling=pooling, dtype=dtype, max_length=max_length)
+        typer.echo(f"embedkit serve: {settings.model_name} on http://{host}:{port}/v1 (loading the model...)",
+                   err=True)
+        run_server(settings, load, host=host, port=port)
+    run_cli(body)

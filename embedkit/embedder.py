@@ -183,7 +183,6 @@ class Embedder(nn.Module):
         )
         return tuple(t.to(self.device) for t in tensors)
 
-    @torch.inference_mode()
     def encode(
         self,
         texts: Sequence[str],
@@ -214,6 +213,18 @@ class Embedder(nn.Module):
         width = self._check_dimensions(dimensions)
         tokenized = self.tokenize(texts, instruction)
         self._warn_truncated(tokenized)
+        return self.encode_tokenized(tokenized, width, batch_size=batch_size, normalize=normalize,
+                                     show_progress_bar=show_progress_bar, max_batch_tokens=max_batch_tokens,
+                                     padding_side=padding_side, workers=workers)
+
+    def encode_tokenized(
+        self, tokenized: Tokenized, width: int | None = None, *, batch_size: int | None = None,
+        normalize: bool | None = None, show_progress_bar: bool | None = None,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, padding_side: str = "right", workers: int | None = None,
+    ) -> np.ndarray:
+        """``encode`` for rows tokenized already (the server merges requests with different instructions):
+        sorted token-budget batches on ``workers`` threads, the first ``width`` components, input order."""
+        width = self.dimension if width is None else width
         normalize = self.config.normalize if normalize is None else normalize
         out = np.empty((len(tokenized), width), dtype=np.float32)
         if len(tokenized) == 0:
@@ -228,7 +239,8 @@ class Embedder(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with tqdm(total=len(tokenized), disable=not show_progress_bar, desc="encode", unit="text") as bar:
+            with torch.inference_mode(), tqdm(total=len(tokenized), disable=not show_progress_bar, desc="encode",
+                                              unit="text") as bar:
                 bar_lock = threading.Lock()
 
                 def step(rows: list[int]) -> None:

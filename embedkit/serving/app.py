@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from embedkit.batching import Tokenized
-from embedkit.serving.batcher import DynamicBatcher, QueueFull, encode_tokenized
+from embedkit.serving.batcher import DynamicBatcher, QueueFull
 from embedkit.serving.config import ServeSettings
 from embedkit.serving.errors import APIError, error_response, install_error_handlers
 from embedkit.serving.schemas import EmbeddingRequest, SearchRequest, usage
@@ -85,8 +85,8 @@ async def _load(app: FastAPI, settings: ServeSettings, load: Loader, on_error) -
             raise ValueError(f"--dimensions {settings.default_dimensions} is more than the model's "
                              f"{embedder.dimension}: give at most {embedder.dimension}.")
         embedder.eval()
-        encode = partial(encode_tokenized, embedder, max_tokens=settings.max_tokens_per_batch,
-                         workers=settings.workers or embedder.default_workers())
+        encode = partial(embedder.encode_tokenized, max_batch_tokens=settings.max_batch_tokens,
+                         workers=settings.workers or embedder.default_workers(), show_progress_bar=False)
         batcher = DynamicBatcher(encode, max_wait=settings.max_wait_ms / 1000,
                                  max_batch_texts=settings.max_batch_texts, max_queue_texts=settings.max_queue_texts)
         batcher.start()

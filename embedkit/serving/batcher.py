@@ -17,9 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from embedkit.batching import DEFAULT_MAX_BATCH, Tokenized, plan_for_workers, run_batches
+from embedkit.batching import Tokenized
 
 logger = logging.getLogger(__name__)
 
@@ -36,26 +35,6 @@ def merge_tokenized(parts: list[Tokenized]) -> Tokenized:
         ids.extend(part.ids)
         prefixes.extend(part.prefix_lengths)
     return Tokenized(ids, prefixes, sum(part.n_truncated for part in parts))
-
-
-def encode_tokenized(embedder, tokenized: Tokenized, *, max_tokens: int, workers: int) -> np.ndarray:
-    """``Embedder.encode``'s batching loop over rows tokenized already (rows may carry different instructions).
-
-    TODO(merge): the same loop as Embedder.encode's; an ``Embedder.encode_tokenized`` would serve both.
-    """
-    out = np.empty((len(tokenized), embedder.dimension), dtype=np.float32)
-    plan = plan_for_workers([len(s) for s in tokenized.ids], max_tokens=max_tokens, max_batch=DEFAULT_MAX_BATCH,
-                            workers=workers)
-
-    def step(rows: list[int]) -> None:
-        vectors = embedder(*embedder.collate(tokenized, rows)).float()
-        if embedder.config.normalize:
-            vectors = torch.nn.functional.normalize(vectors, dim=-1)
-        out[rows] = vectors.cpu().numpy()
-
-    with torch.inference_mode():
-        run_batches(plan, step, workers=min(workers, len(plan)))
-    return out
 
 
 @dataclass

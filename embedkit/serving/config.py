@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from embedkit.batching import DEFAULT_MAX_TOKENS
+from embedkit.batching import DEFAULT_MAX_BATCH_TOKENS
 
 
 class ServeSettings(BaseModel):
@@ -29,8 +29,8 @@ class ServeSettings(BaseModel):
     max_batch_texts: int = Field(256, ge=1, description="Most texts merged into one model call (a larger request "
                                  "runs alone).")
     max_queue_texts: int = Field(8192, ge=1, description="Texts waiting for the model; beyond this: 503.")
-    max_tokens_per_batch: int = Field(DEFAULT_MAX_TOKENS, ge=1, description="Padded-token budget of one forward "
-                                      "batch (as Embedder.encode's max_tokens).")
+    max_batch_tokens: int = Field(DEFAULT_MAX_BATCH_TOKENS, ge=1, description="Padded-token budget of one forward "
+                                      "batch (as Embedder.encode's max_batch_tokens).")
     workers: int | None = Field(None, ge=1, description="Batches run in parallel (default: as Embedder.encode).")
     retry_after_seconds: int = Field(1, ge=1, description="Sent with 503 when the queue is full.")
 

@@ -128,5 +128,5 @@ class FakeModel:
             return np.stack([vector(t) for t in texts]).astype(np.float32)
 
         self.loaded = LoadedModel(label=label, spec="fake", backend="embedkit", encode=encode,
-                                  fingerprint=fingerprint, dimension=8, parameters=0, max_tokens=64, config={},
+                                  fingerprint=fingerprint, dimension=8, parameters=0, max_length=64, config={},
                                   own_instructions=own_instructions or {})

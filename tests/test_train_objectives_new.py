@@ -7,6 +7,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,10 +17,12 @@ from test_train_helpers import TINY_MODEL, write_data
 from embedkit import Embedder
 from embedkit.train import RecipeError, load_recipe, run_recipe
 from embedkit.train.data import DataError
+from embedkit.train.losses import info_nce
 from embedkit.train.matryoshka import MatryoshkaSpec, matryoshka_loss, truncate, width_problem
 from embedkit.train.objectives.angle import angle_similarity
 from embedkit.train.objectives.cosent import cosent_loss
-from embedkit.train.objectives.distill import distill_kl
+from embedkit.train.objectives.distill import Distill, DistillConfig, distill_kl
+from embedkit.train.objectives.simcse import SimCSE, SimCSEConfig
 from embedkit.train.teacher import Teacher, TeacherError, cache_key
 
 STS_TRAIN = Path(TINY_MODEL).parents[1] / "data" / "sts" / "STSBenchmark" / "train.jsonl"
@@ -104,6 +107,46 @@ def test_cosent_and_angle_match_sentence_transformers():
         pytest.approx(reference.item(), rel=1e-5)
     # AnglE by hand: a=[1,0], b=[0,1]: cos 0, sin = last_a*first_b - first_a*last_b = -1 -> |0 - 1| = 1
     assert angle_similarity(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])).item() == pytest.approx(1.0)
+
+
+def test_contrastive_objectives_sum_info_nce_over_prefixes_also_with_gradcache():
+    torch.manual_seed(1)
+    a, p = torch.randn(4, 8), torch.randn(4, 8)
+    spec = {"dims": [2, 8], "weights": [0.5, 1.0]}
+    expected = sum(w * info_nce(truncate(a, d), truncate(p, d), temperature=0.05, gather=False)
+                   for d, w in ((2, 0.5), (8, 1.0)))
+
+    def info(x, y):
+        return info_nce(x, y, temperature=0.05, gather=False)
+    for mini_batch_size in (None, 2):
+        config = SimCSEConfig(data={"paths": ["x"]}, steps=1, matryoshka=spec, mini_batch_size=mini_batch_size)
+        a_leaf, p_leaf = a.clone().requires_grad_(True), p.clone().requires_grad_(True)
+        towers = [(lambda rows, t=a_leaf: t[list(rows)], 4), (lambda rows, t=p_leaf: t[list(rows)], 4)]
+        value, finish = SimCSE(config, None).towers_loss(towers, info, range(4))
+        assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+        value.backward()
+        if finish is not None:
+            finish()
+        a_ref, p_ref = a.clone().requires_grad_(True), p.clone().requires_grad_(True)
+        sum(w * info(truncate(a_ref, d), truncate(p_ref, d)) for d, w in ((2, 0.5), (8, 1.0))).backward()
+        assert torch.allclose(a_leaf.grad, a_ref.grad, atol=1e-6) and torch.allclose(p_leaf.grad, p_ref.grad, atol=1e-6)
+
+
+def test_distill_weighs_its_kl_and_the_contrastive_loss():
+    config = DistillConfig(data={"paths": ["x"]}, steps=1, teacher="t", distill_weight=2.0, contrastive_weight=0.5,
+                           student_temperature=0.1, teacher_temperature=0.2)
+    objective = Distill(config, SimpleNamespace(embedder=SimpleNamespace(device=torch.device("cpu"))))
+    torch.manual_seed(2)
+    objective.teacher_vectors = torch.randn(5, 3)
+    objective.anchor_ids, objective.positive_ids = np.array([0, 1, 2]), np.array([3, 4, 0])
+    a, p = torch.randn(2, 8), torch.randn(2, 8)
+    terms = objective.loss_terms(lambda x, y, n=None: torch.tensor(7.0), [2, 0])
+    kl = distill_kl(a, p, objective.teacher_vectors[[2, 0]], objective.teacher_vectors[[0, 3]],
+                    student_temperature=0.1, teacher_temperature=0.2)
+    assert terms(a, p).item() == pytest.approx(2.0 * kl.item() + 0.5 * 7.0, rel=1e-6)
+    objective.config = config.model_copy(update={"contrastive_weight": 0.0})
+    assert objective.loss_terms(lambda *x: torch.tensor(float("nan")), [2, 0])(a, p).item() == \
+        pytest.approx(2.0 * kl.item(), rel=1e-6)
 
 
 # -- a few steps of each objective on stories260K ------------------------------------------------------------------

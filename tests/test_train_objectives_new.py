@@ -260,6 +260,19 @@ def test_bad_weights_and_dims_are_refused_at_recipe_check(tmp_path, key, value, 
     assert message in str(err.value)
 
 
+def test_recipes_without_matryoshka_keep_their_fingerprint_and_resume():
+    """A recipe saved before the key existed: same fingerprint (computed before the change), so it resumes."""
+    recipe = {"model": {"base": "x"}, "output_dir": "o", "stages": [
+        {"objective": "simcse", "data": {"paths": ["t.txt"]}, "steps": 2},
+        {"objective": "supervised", "data": {"paths": ["p.jsonl"]}, "steps": 2}]}
+    assert load_recipe(recipe).fingerprint() == "b322e27becc33d6a"
+    recipe["stages"][1]["matryoshka"] = {"dims": [8, 16]}
+    loaded = load_recipe(recipe)
+    assert loaded.fingerprint() != "b322e27becc33d6a"
+    again = load_recipe(loaded.model_dump(mode="json"))  # a saved recipe.yaml reloads with its block
+    assert again.stages[1].matryoshka == MatryoshkaSpec(dims=[8, 16]) and again.fingerprint() == loaded.fingerprint()
+
+
 def test_a_missing_teacher_fails_before_the_model_loads(tmp_path):
     _, triplets = write_data(tmp_path / "data")
     recipe = base_recipe(tmp_path / "run", [

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_serializer
 from torch import nn
 
 from embedkit.batching import Tokenized, tokenize
@@ -28,6 +28,14 @@ class ContrastiveConfig(StageConfig):
     hidden_dropout: Fraction = 0.0
     matryoshka: MatryoshkaSpec | None = Field(
         None, description="{dims, weights}: the loss summed over truncated, renormalised prefixes (matryoshka.py).")
+
+    @model_serializer(mode="wrap")
+    def _without_unset_matryoshka(self, handler):
+        """Left out while None, so recipes saved before the key existed keep their fingerprint (and resume)."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("matryoshka", 0) is None:
+            del data["matryoshka"]
+        return data
 
 
 @contextlib.contextmanager

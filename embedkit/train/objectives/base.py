@@ -20,8 +20,9 @@ import numpy as np
 from torch import nn
 
 from embedkit.train.config import StageConfig
-from embedkit.train.data import read_texts, resolve_path
+from embedkit.train.data import resolve_path
 from embedkit.train.losses import Loss
+from embedkit.train.sources import read_stage_texts
 
 OBJECTIVES: dict[str, type[Objective]] = {}
 
@@ -77,10 +78,9 @@ class Objective:
 
     @classmethod
     def read_all_texts(cls, config: StageConfig, data_dir: Path | None, recipe_dir: Path | None) -> list[str]:
-        texts: list[str] = []
-        for path in cls.data_paths(config, data_dir, recipe_dir):
-            texts += read_texts(path, config.data.format, config.data.text_field, config.data.limit)
-        return texts
+        """Every source's texts in order (a list of sources: weights apply only where the objective batches by
+        source, as the contrastive ones do)."""
+        return read_stage_texts(config.data, data_dir, recipe_dir).texts
 
     def setup_model(self) -> None:
         """Before the LoRA adapter is added (e.g. add tokens and resize the embeddings)."""

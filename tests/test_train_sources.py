@@ -209,3 +209,13 @@ def test_pairs_and_triplets_train_in_one_stage(tmp_path):
         rows = (tmp_path / batches / "run" / "metrics.csv").read_text().splitlines()[1:]
         losses = [float(r.split(",")[3]) for r in rows if r.split(",")[3]]
         assert len(losses) == 4 and all(np.isfinite(losses))
+
+
+def test_runs_saved_before_mixtures_keep_their_fingerprint(tmp_path):
+    """A run started before the new stage keys (batches, false_negatives) must still resume: their defaults are
+    left out of the fingerprint. The value is the one the code before this change gave this recipe."""
+    recipe = json.loads(json.dumps(tiny_recipe(tmp_path / "data", tmp_path / "run")).replace(str(tmp_path), "/ROOT"))
+    recipe["model"]["base"] = "stories260K"
+    assert load_recipe(recipe).fingerprint() == "ec9c776f037cc27e"
+    recipe["stages"][2]["false_negatives"] = {"duplicates": False}
+    assert load_recipe(recipe).fingerprint() != "ec9c776f037cc27e"

@@ -43,7 +43,7 @@ TINY_SEED = 1234  # a private tiny Llama (tiny_model caches per seed; no other t
 # The shipped CPU recipes: everything in recipes/*.yaml but recipes/paper/ and the 1.5B-8B models.
 TRAIN_RECIPES = ("llm2vec-smollm2-cpu", "llm2vec-smollm2-literal-cpu", "llm2vec-smollm2-supervised-cpu",
                  "gem-smollm2-135m", "conan-smollm2-135m-hard", "conan-smollm2-135m-soft",
-                 "conan-smollm2-135m-soft-mining", "nvembed-smollm2-135m")
+                 "conan-smollm2-135m-soft-mining", "nvembed-smollm2-135m", "mix-smollm2-135m-cpu")
 TP_RECIPE = "tp-smollm2-135m"  # not trained: it builds an embedder, so its golden output is vectors
 STEPS = 5
 QUERIES = ["a little girl went to the park", "the dog was happy", "a big red ball", "mom baked a cake",
@@ -136,7 +136,9 @@ def recipe_overrides(name: str, output: Path) -> list[str]:
            "evaluate.sts_splits=[]", "evaluate.before=false"]
     for i, stage in enumerate(stages):
         out += [f"stages.{i}.steps={STEPS}", f"stages.{i}.batch_size=4", f"stages.{i}.max_length=32"]
-        if "negative_settings" not in stage:
+        if isinstance(stage["data"], list):  # a mixture: each source limited
+            out += [f"stages.{i}.data.{j}.limit=64" for j in range(len(stage["data"]))]
+        elif "negative_settings" not in stage:
             out.append(f"stages.{i}.data.limit=64")
         if "switch_step" in stage:
             out.append(f"stages.{i}.switch_step=2")  # GEM: both the NTP-only and the contrastive phase

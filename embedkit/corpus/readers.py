@@ -10,7 +10,7 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -145,38 +145,49 @@ def _read_jsonl(path: Path, options: ReaderOptions, start: int) -> Iterator[Reco
         number += 1
 
 
-def _read_delimited(path: Path, options: ReaderOptions, start: int, delimiter: str) -> Iterator[Record]:
+def iter_delimited_rows(path: Path, delimiter: str, check_header: Callable[[list[str]], None] | None = None
+                        ) -> Iterator[tuple[str, dict]]:
+    """(``file:line``, row) of a .csv / .tsv file with a header; ``check_header`` sees the columns first. A row
+    with more cells than the header is an error; fewer cells leave fields missing."""
     try:
-        yield from _read_delimited_rows(path, options, start, delimiter)
+        yield from _delimited_rows(path, delimiter, check_header)
     except UnicodeDecodeError:  # the text layer decodes in blocks, so it cannot say which line: find it
         for _ in iter_text_lines(path):
             pass
         raise
 
 
-def _read_delimited_rows(path: Path, options: ReaderOptions, start: int, delimiter: str) -> Iterator[Record]:
+def _delimited_rows(path: Path, delimiter: str, check_header: Callable[[list[str]], None] | None
+                    ) -> Iterator[tuple[str, dict]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE  # TSV: tabs separate, quotes are text
-    number = start
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
         header = reader.fieldnames or []
+        if check_header is not None:
+            check_header(list(header))
+        line_start = reader.line_num + 1
+        for row in reader:
+            where = f"{path}:{line_start}"
+            if None in row:  # more cells than header columns
+                raise ValueError(f"{where}: row has more cells than the header's {len(header)} columns.")
+            yield where, {k: v for k, v in row.items() if v is not None}  # fewer cells: missing fields
+            line_start = reader.line_num + 1
+
+
+def _read_delimited(path: Path, options: ReaderOptions, start: int, delimiter: str) -> Iterator[Record]:
+    makers: list[_RowMaker] = []
+
+    def check(header: list[str]) -> None:
         if options.text_field not in header:
             raise ValueError(f"{path}:1: header has no {options.text_field!r} column (columns: "
                              f"{', '.join(header) or '-'}); name the text column with --text-field.")
         if options.id_field and options.id_field not in header:
             raise ValueError(f"{path}:1: header has no id column {options.id_field!r} (columns: "
                              f"{', '.join(header)}).")
-        maker = _RowMaker(options, path, None, header)
-        line_start = reader.line_num + 1
-        for row in reader:
-            where = f"{path}:{line_start}"
-            if None in row:  # more cells than header columns
-                raise ValueError(f"{where}: row has more cells than the header's {len(header)} columns.")
-            row = {k: v for k, v in row.items() if v is not None}  # fewer cells: missing fields
-            yield maker.make(row, number, where)
-            number += 1
-            line_start = reader.line_num + 1
+        makers.append(_RowMaker(options, path, None, header))
+    for number, (where, row) in enumerate(iter_delimited_rows(path, delimiter, check), start=start):
+        yield makers[0].make(row, number, where)
 
 
 def _read_txt(path: Path, start: int) -> Iterator[Record]:
@@ -186,27 +197,35 @@ def _read_txt(path: Path, start: int) -> Iterator[Record]:
         number += 1
 
 
-def _read_parquet(path: Path, options: ReaderOptions, start: int) -> Iterator[Record]:
+def iter_parquet_rows(path: Path, columns: Callable[[list[str]], list[str]]) -> Iterator[tuple[str, dict]]:
+    """(``file:row N``, row) of a .parquet file, a batch at a time; ``columns`` sees the file's columns and
+    returns those to read. A null cell is None."""
     try:
         import pyarrow.parquet as pq  # noqa: PLC0415
     except ImportError as err:  # pragma: no cover - pyarrow is a dependency
         raise ValueError("Reading .parquet needs pyarrow: pip install pyarrow.") from err
     handle = pq.ParquetFile(path)
-    names = handle.schema_arrow.names
-    if options.text_field not in names:
-        raise ValueError(f"{path}: no {options.text_field!r} column (columns: {', '.join(names)}); name the "
-                         "text column with --text-field.")
-    if options.id_field and options.id_field not in names:
-        raise ValueError(f"{path}: no id column {options.id_field!r} (columns: {', '.join(names)}).")
-    maker = _RowMaker(options, path, None, names, null_text_ok=True)
-    wanted = [c for c in (options.text_field, maker.id_field, options.title_field) if c and c in names]
-    number = start
+    wanted = columns(list(handle.schema_arrow.names))
     in_file = 0
     for batch in handle.iter_batches(batch_size=4096, columns=list(dict.fromkeys(wanted))):
         for row in batch.to_pylist():
             in_file += 1
-            yield maker.make(row, number, f"{path}:row {in_file}")
-            number += 1
+            yield f"{path}:row {in_file}", row
+
+
+def _read_parquet(path: Path, options: ReaderOptions, start: int) -> Iterator[Record]:
+    makers: list[_RowMaker] = []
+
+    def columns(names: list[str]) -> list[str]:
+        if options.text_field not in names:
+            raise ValueError(f"{path}: no {options.text_field!r} column (columns: {', '.join(names)}); name the "
+                             "text column with --text-field.")
+        if options.id_field and options.id_field not in names:
+            raise ValueError(f"{path}: no id column {options.id_field!r} (columns: {', '.join(names)}).")
+        makers.append(_RowMaker(options, path, None, names, null_text_ok=True))
+        return [c for c in (options.text_field, makers[0].id_field, options.title_field) if c and c in names]
+    for number, (where, row) in enumerate(iter_parquet_rows(path, columns), start=start):
+        yield makers[0].make(row, number, where)
 
 
 def read_file(path: str | os.PathLike, options: ReaderOptions | None = None, start: int = 0) -> Iterator[Record]:

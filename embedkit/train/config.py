@@ -7,9 +7,19 @@ as 1 or 2.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    RootModel,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from embedkit.attention import ATTENTION_MODES
 from embedkit.io import safe_name
@@ -82,8 +92,15 @@ class ScheduleSpec(Strict):
     warmup_steps: NonNegativeInt = 0
 
 
+def added_later(default: Any, **kwargs: Any) -> Any:
+    """A stage key added after runs were already saved: left out of the recipe's fingerprint while it holds its
+    default, so a run started before the key existed still resumes (``Recipe.fingerprint``)."""
+    return Field(default, json_schema_extra={"fingerprint_omits_default": True}, **kwargs)
+
+
 class DataSpec(Strict):
-    """Files of one stage. Relative paths are looked up in the data folder, then beside the recipe."""
+    """Files of one stage (the original form: each path one source). Relative paths are looked up in the data
+    folder, then beside the recipe."""
 
     paths: Annotated[list[str], Field(min_length=1)]
     format: Literal["auto", "text", "jsonl"] = "auto"
@@ -94,6 +111,92 @@ class DataSpec(Strict):
     source_field: str | None = None
     instruction_field: str | None = None
     limit: PositiveInt | None = None
+
+
+class Columns(Strict):
+    """Which column holds which role: anchor / positive / negative (one name or a list), or text."""
+
+    anchor: str | None = None
+    positive: str | None = None
+    negative: str | list[str] | None = None
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Columns:
+        if self.text is not None and any(c is not None for c in (self.anchor, self.positive, self.negative)):
+            raise ValueError("map either text, or anchor/positive/negative, not both")
+        return self
+
+
+class SourceSpec(Strict):
+    """One source of a data mixture: a local file or ``save_to_disk`` folder (``path``), or a Hugging Face dataset
+    (``dataset`` with ``subset`` and ``split``), its column mapping, and its share of the batches."""
+
+    path: str | None = Field(None, description=".jsonl/.csv/.tsv/.parquet/.txt file or a save_to_disk folder.")
+    dataset: str | None = Field(None, description="Hugging Face dataset id, loaded with the datasets library.")
+    subset: str | None = None
+    split: str = "train"
+    name: str | None = Field(None, description="The source's name in batches and logs (default: path or id).")
+    columns: Columns = Columns()
+    instruction: str | None = Field(None, description="Instruction of this source's anchors (supervised).")
+    weight: float | None = Field(None, description="Relative share of the batches; give every source one, or none.")
+    sampling_exponent: Annotated[float, Field(ge=0)] = Field(
+        1.0, description="Without weights a source's share is rows ** sampling_exponent (1: by size, 0: equal).")
+    limit: PositiveInt | None = Field(None, description="Read at most this many rows (the first ones).")
+
+    @field_validator("weight")
+    @classmethod
+    def _positive_weight(cls, weight: float | None) -> float | None:
+        if weight is not None and not weight > 0:
+            raise ValueError(f"weight must be > 0 (a share of the batches), got {weight}; leave the source out to "
+                             "give it none")
+        return weight
+
+    @model_validator(mode="after")
+    def _where(self) -> SourceSpec:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("give a source either path (a local file or folder) or dataset (a hub id)")
+        if self.path is not None and (self.subset is not None or self.split != "train"):
+            raise ValueError("subset and split apply to a hub dataset; a local path is read whole")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The source's name: ``name``, else its path, else ``id[/subset]:split``."""
+        if self.name is not None:
+            return self.name
+        if self.path is not None:
+            return self.path
+        return f"{self.dataset}{'/' + self.subset if self.subset else ''}:{self.split}"
+
+
+class SourceList(RootModel[Annotated[list[SourceSpec], Field(min_length=1)]]):
+    """A stage's data as a mixture: a list of sources (YAML: ``data: [{path: ...}, {dataset: ...}]``)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SourceList:
+        labels = [s.label for s in self.root]
+        twice = sorted({n for n in labels if labels.count(n) > 1})
+        if twice:
+            raise ValueError(f"sources must have distinct names (set name:), {twice} repeat")
+        if any(s.weight is not None for s in self.root) and any(s.weight is None for s in self.root):
+            raise ValueError("give every source a weight, or none (then shares follow rows ** sampling_exponent)")
+        return self
+
+    @property
+    def sources(self) -> list[SourceSpec]:
+        return self.root
+
+    @property
+    def paths(self) -> list[str]:
+        """The sources' names, where messages name a stage's data (as ``DataSpec.paths`` does)."""
+        return [s.label for s in self.root]
+
+
+DATA_FORMS = ("files", "sources")  # the tags of the two forms (left out of error paths by the recipe loader)
+StageData = Annotated[
+    Union[Annotated[DataSpec, Tag("files")], Annotated[SourceList, Tag("sources")]],  # noqa: UP007
+    Discriminator(lambda value: "sources" if isinstance(value, list | SourceList) else "files")]
 
 
 class AttentionScheduleSpec(Strict):
@@ -108,7 +211,7 @@ class StageConfig(Strict):
 
     objective: str
     name: str | None = None
-    data: DataSpec
+    data: StageData
     steps: PositiveInt | None = None
     epochs: PositiveFloat | None = None
     batch_size: PositiveInt = 32

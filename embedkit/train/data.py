@@ -21,11 +21,15 @@ class DataError(ValueError):
     """A data file that cannot be used; the message names the file (and line)."""
 
 
-def resolve_path(path: str, data_dir: Path | None, recipe_dir: Path | None) -> Path:
-    """An absolute path as is; a relative one in the data folder, then beside the recipe, then the cwd."""
+def resolve_path(path: str, data_dir: Path | None, recipe_dir: Path | None, folders: bool = False) -> Path:
+    """An absolute path as is; a relative one in the data folder, then beside the recipe, then the cwd.
+    ``folders``: a folder is found too (a ``datasets.save_to_disk`` source)."""
     candidate = Path(path).expanduser()
+
+    def found(full: Path) -> bool:
+        return full.is_file() or (folders and full.is_dir())
     if candidate.is_absolute():
-        if not candidate.is_file():
+        if not found(candidate):
             raise DataError(f"Data file {candidate} does not exist.")
         return candidate
     tried = []
@@ -34,7 +38,7 @@ def resolve_path(path: str, data_dir: Path | None, recipe_dir: Path | None) -> P
             continue
         full = base / candidate
         tried.append(str(full))
-        if full.is_file():
+        if found(full):
             return full
     raise DataError(f"Data file {path!r} not found; tried: {', '.join(tried)}. Give a path relative to the data "
                     "folder (e.g. unlabeled/WikiText2/sentences.txt) or an absolute path.")
@@ -53,7 +57,7 @@ def _is_jsonl(path: Path, fmt: str) -> bool:
     return fmt == "jsonl" or (fmt == "auto" and path.suffix in (".jsonl", ".json"))
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, line) of a UTF-8 file; bad bytes are a DataError naming the file and line."""
     try:
         yield from iter_text_lines(path)
@@ -61,8 +65,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         raise DataError(str(err)) from None
 
 
-def _jsonl_rows(path: Path):
-    for number, line in _lines(path):
+def jsonl_rows(path: Path):
+    for number, line in lines(path):
         if not line.strip():
             continue
         try:
@@ -74,26 +78,30 @@ def _jsonl_rows(path: Path):
         yield number, row
 
 
-def _field(path: Path, number: int, row: dict, name: str) -> str:
+def row_text(where: object, row: dict, name: str, fix: str = "set the stage's data.*_field keys") -> str:
+    """The non-empty string ``row[name]``; else a DataError naming ``where`` (file:line) and ``fix``."""
     if name not in row:
-        raise DataError(f"{path}:{number}: missing field {name!r} (the row has {sorted(row)}); fix the row or set "
-                        "the stage's data.*_field keys.")
+        raise DataError(f"{where}: missing field {name!r} (the row has {sorted(row)}); fix the row or {fix}.")
     value = row[name]
     if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{path}:{number}: field {name!r} must be a non-empty string, got {value!r}.")
+        raise DataError(f"{where}: field {name!r} must be a non-empty string, got {value!r}.")
     return value
+
+
+def _field(path: Path, number: int, row: dict, name: str) -> str:
+    return row_text(f"{path}:{number}", row, name)
 
 
 def read_texts(path: Path, fmt: str = "auto", text_field: str = "text", limit: int | None = None) -> list[str]:
     """Plain text (one text per line, blank lines skipped) or jsonl (``text_field`` of each row)."""
     texts: list[str] = []
     if _is_jsonl(path, fmt):
-        for number, row in _jsonl_rows(path):
+        for number, row in jsonl_rows(path):
             texts.append(_field(path, number, row, text_field))
             if limit and len(texts) >= limit:
                 break
     else:
-        for _, line in _lines(path):
+        for _, line in lines(path):
             if line.strip():
                 texts.append(line.strip())
                 if limit and len(texts) >= limit:
@@ -117,6 +125,10 @@ class PairRows:
     def __len__(self) -> int:
         return len(self.anchors)
 
+    def extend(self, other: PairRows) -> None:
+        for name in ("anchors", "positives", "negatives", "sources", "instructions"):
+            getattr(self, name).extend(getattr(other, name))
+
 
 def read_pairs(path: Path, spec, n_negatives: int) -> PairRows:
     """jsonl rows with ``anchor_field``, ``positive_field`` and (if ``n_negatives``) negative fields."""
@@ -128,7 +140,7 @@ def read_pairs(path: Path, spec, n_negatives: int) -> PairRows:
     if n_negatives > len(spec.negative_fields):
         raise DataError(f"{path}: hard_negatives={n_negatives} but data.negative_fields lists "
                         f"{len(spec.negative_fields)} ({spec.negative_fields}); list one field per negative.")
-    for number, row in _jsonl_rows(path):
+    for number, row in jsonl_rows(path):
         rows.anchors.append(_field(path, number, row, spec.anchor_field))
         rows.positives.append(_field(path, number, row, spec.positive_field))
         rows.negatives.append([_field(path, number, row, name) for name in negative_fields])
@@ -166,27 +178,81 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n_rows)
 
 
-def grouped_epoch_order(groups: Sequence[str], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Batches that each come from one group (source), in a seeded order; partial batches are dropped."""
-    rng = np.random.default_rng([seed, epoch, 1])
+@dataclass(frozen=True)
+class RowGroups:
+    """Which source each row comes from and how batches are drawn from the sources.
+
+    ``weights``: each source's share of the batches (any positive scale); None = by size, i.e. one pass over
+    every source per epoch. ``same_source``: each batch from one source (hard, comparable in-batch negatives),
+    else rows of all sources mixed in a batch.
+    """
+
+    names: Sequence[str]
+    weights: dict[str, float] | None = None
+    same_source: bool = True
+
+
+def shares(sizes: dict[str, int], weights: dict[str, float], total: int) -> dict[str, int]:
+    """``total`` split in proportion to ``weights`` (largest remainders, ties by name): the counts sum to total."""
+    whole = sum(weights.values())
+    exact = {name: weights[name] / whole * total for name in sizes}
+    out = {name: int(value) for name, value in exact.items()}
+    rest = sorted(sizes, key=lambda name: (-(exact[name] - out[name]), name))
+    for name in rest[: total - sum(out.values())]:
+        out[name] += 1
+    return out
+
+
+def _draw(rng: np.random.Generator, rows: Sequence[int], count: int, unit: int) -> list[list[int]]:
+    """``count`` runs of ``unit`` rows cut from successive permutations of ``rows`` (whole runs only): a row
+    repeats within an epoch only when its source is drawn more than once over."""
+    out: list[list[int]] = []
+    while len(out) < count:
+        order = rng.permutation(rows)
+        out += [order[s:s + unit].tolist() for s in range(0, len(order) - unit + 1, unit)]
+    return out[:count]
+
+
+def mixture_epoch_order(groups: RowGroups, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch of a mixture, from (seed, epoch) only. An epoch has as many batches as one pass
+    over the data; by size (``weights`` None) it is exactly one pass: same-source batches from one permutation
+    per source, mixed batches one permutation of all rows (the plain plan's order)."""
     by_group: dict[str, list[int]] = {}
-    for i, name in enumerate(groups):
+    for i, name in enumerate(groups.names):
         by_group.setdefault(name, []).append(i)
-    batches = []
-    for name in sorted(by_group):
-        rows = rng.permutation(by_group[name])
-        batches += [rows[s:s + batch_size].tolist() for s in range(0, len(rows) - batch_size + 1, batch_size)]
-    order = rng.permutation(len(batches))
-    return [batches[i] for i in order]
+    sizes = {name: len(by_group[name]) for name in sorted(by_group)}
+    if groups.same_source:
+        rng = np.random.default_rng([seed, epoch, 1])
+        full = {name: n // batch_size for name, n in sizes.items()}
+        counts = full if groups.weights is None else shares(
+            {n: s for n, s in sizes.items() if full[n]}, groups.weights, sum(full.values()))
+        batches = [b for name, count in counts.items() for b in _draw(rng, by_group[name], count, batch_size)]
+        order = rng.permutation(len(batches))
+        return [batches[i] for i in order]
+    rng = np.random.default_rng([seed, epoch])
+    if groups.weights is None:
+        pool = np.arange(len(groups.names))
+    else:
+        quotas = shares(sizes, groups.weights, len(groups.names))
+        pool = np.asarray(sorted(r for name, q in quotas.items() for run in _draw(rng, by_group[name], q, 1)
+                                 for r in run), dtype=np.int64)
+    order = rng.permutation(pool)
+    return [order[i * batch_size:(i + 1) * batch_size].tolist() for i in range(len(pool) // batch_size)]
 
 
 class BatchPlan:
-    """Global batches for steps 0..total-1: batch ``k`` depends only on (seed, k), never on earlier state."""
+    """Global batches for steps 0..total-1: batch ``k`` depends only on (seed, k), never on earlier state, so a
+    resumed run replays it and every process computes the same global batch (then takes its ``shard``).
 
-    def __init__(self, n_rows: int, batch_size: int, seed: int, groups: Sequence[str] | None = None):
+    ``groups``: None (mixed batches of all rows), per-row source names (same-source batches, by size), or a
+    ``RowGroups`` (weights, same-source or mixed)."""
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int, groups: Sequence[str] | RowGroups | None = None):
         if batch_size > n_rows:
             raise DataError(f"batch_size={batch_size} is larger than the data ({n_rows} rows): lower batch_size "
                             "or give more data.")
+        if groups is not None and not isinstance(groups, RowGroups):
+            groups = RowGroups(list(groups))
         self.n_rows, self.batch_size, self.seed, self.groups = n_rows, batch_size, seed, groups
         self._epoch = -1
         self._batches: list[list[int]] = []
@@ -195,9 +261,10 @@ class BatchPlan:
     def _count(self) -> int:
         if self.groups is None:
             return self.n_rows // self.batch_size
-        n = len(grouped_epoch_order(self.groups, self.batch_size, self.seed, 0))
+        n = len(mixture_epoch_order(self.groups, self.batch_size, self.seed, 0))
         if n == 0:
-            raise DataError(f"same_source_batches: no source has batch_size={self.batch_size} rows.")
+            raise DataError(f"same-source batches: no source has batch_size={self.batch_size} rows; lower "
+                            "batch_size or use mixed batches.")
         return n
 
     def batch(self, step: int) -> list[int]:
@@ -208,7 +275,7 @@ class BatchPlan:
                 self._batches = [order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
                                  for i in range(self.per_epoch)]
             else:
-                self._batches = grouped_epoch_order(self.groups, self.batch_size, self.seed, epoch)
+                self._batches = mixture_epoch_order(self.groups, self.batch_size, self.seed, epoch)
             self._epoch = epoch
         return self._batches[index]
 

@@ -9,6 +9,7 @@ processes: one process with batch B and W processes with B/W each give the same 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,26 +29,94 @@ class Loss:
     finish: Callable[[], None] | None = None  # after backward (GradCache's second pass)
 
 
+def text_keys(texts: Sequence[str]) -> torch.Tensor:
+    """A stable 64-bit key per text (the same on every process, unlike ``hash``): equal texts, equal keys."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), "little",
+                                        signed=True) for t in texts], dtype=torch.long)
+
+
+@dataclass
+class FalseNegatives:
+    """In-batch candidates that are not negatives of an anchor, left out of its softmax (never its own positive).
+
+    ``duplicates``: a candidate with the anchor's positive text (the same positive twice in the batch, or a hard
+    negative equal to it), and the positive of another row with the same anchor text. ``margin``: a candidate
+    whose cosine to the anchor exceeds the anchor's positive by more than ``margin`` (the guard of
+    sentence-transformers' GISTEmbed / CachedGIST losses, ``margin_strategy="absolute"``, with the model itself
+    as the guide). Keys (``text_keys``) are this process's rows: anchors, positives (n,), negatives (m,).
+    ``counts`` adds up the candidates left out, per rule.
+    """
+
+    anchor_keys: torch.Tensor
+    positive_keys: torch.Tensor
+    negative_keys: torch.Tensor | None = None
+    duplicates: bool = True
+    margin: float | None = None
+    counts: dict[str, int] | None = None
+
+    def excluded(self, cosine: torch.Tensor, labels: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> torch.Tensor:
+        """(n, candidates) True where a candidate is left out; ``cosine`` is the anchors' (detached) cosine to
+        the candidates, in ``info_nce``'s order (gathered positives, then gathered negatives)."""
+        out = torch.zeros_like(cosine, dtype=torch.bool)
+        device = cosine.device
+        if self.duplicates:
+            anchors, positives = gather(self.anchor_keys.to(device)), gather(self.positive_keys.to(device))
+            keys = [positives] + ([gather(self.negative_keys.to(device))] if self.negative_keys is not None else [])
+            candidates = torch.cat(keys)[: cosine.shape[1]]
+            out |= candidates[None, :] == self.positive_keys.to(device)[:, None]
+            out[:, : len(anchors)] |= anchors[None, :] == self.anchor_keys.to(device)[:, None]
+        rows = torch.arange(len(labels), device=device)
+        out[rows, labels] = False
+        dropped = int(out.sum())
+        if self.margin is not None:
+            own = cosine[rows, labels]
+            out |= cosine > own[:, None] + self.margin
+            out[rows, labels] = False
+        if self.counts is not None:
+            self.counts["duplicates"] = self.counts.get("duplicates", 0) + dropped
+            self.counts["margin"] = self.counts.get("margin", 0) + int(out.sum()) - dropped
+        return out
+
+
+def _gather_rows(tensor: torch.Tensor, size: int, with_grad: bool) -> torch.Tensor:
+    """Every process's rows in rank order, when processes hold different numbers of rows (a batch mixing pairs
+    and triplets): padded to the largest count for the collective, the padding then dropped."""
+    if size == 1:
+        return tensor
+    counts = distributed.all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
+    top = max(counts)
+    padded = torch.cat([tensor, tensor.new_zeros((top - tensor.shape[0], *tensor.shape[1:]))])
+    gathered = distributed.gather_with_grad(padded) if with_grad else distributed.all_gather(padded)
+    keep = torch.cat([torch.arange(top, device=tensor.device) < c for c in counts])
+    return gathered[keep]
+
+
 def info_nce(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None, *,
-             temperature: float | None = None, scale: torch.Tensor | None = None, gather: bool = True
-             ) -> torch.Tensor:
+             temperature: float | None = None, scale: torch.Tensor | None = None, gather: bool = True,
+             false_negatives: FalseNegatives | None = None) -> torch.Tensor:
     """InfoNCE summed over this process's anchors: each anchor against every positive and hard negative of the
     (global, with ``gather``) batch, cosine similarity / ``temperature`` (or times a learnable ``scale``: GEM),
-    cross-entropy with the anchor's own positive as the target.
+    cross-entropy with the anchor's own positive as the target; ``false_negatives`` leaves candidates out.
 
-    anchors, positives: (n, H) local rows; negatives: (n * k, H) or None.
+    anchors, positives: (n, H) local rows; negatives: (m, H) or None (m may differ between processes, and
+    be 0 on some).
     """
     if (temperature is None) == (scale is None):
         raise ValueError("info_nce takes a temperature or a scale, not both.")
     rank, size = (distributed.rank(), distributed.world_size()) if gather else (0, 1)
     candidates = [distributed.gather_with_grad(positives) if size > 1 else positives]
-    if negatives is not None and negatives.shape[0]:
-        candidates.append(distributed.gather_with_grad(negatives) if size > 1 else negatives)
+    if negatives is not None and (size > 1 or negatives.shape[0]):
+        candidates.append(_gather_rows(negatives, size, with_grad=True))
     docs = F.normalize(torch.cat(candidates).float(), dim=-1)
     queries = F.normalize(anchors.float(), dim=-1)
     scores = queries @ docs.T / temperature if scale is None else scale * (queries @ docs.T)
     n = anchors.shape[0]
     labels = torch.arange(rank * n, rank * n + n, device=scores.device)
+    if false_negatives is not None:
+        excluded = false_negatives.excluded((queries @ docs.T).detach(), labels,
+                                            lambda keys: _gather_rows(keys, size, with_grad=False))
+        scores = scores.masked_fill(excluded, float("-inf"))
     return F.cross_entropy(scores, labels, reduction="sum")
 
 

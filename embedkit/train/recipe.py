@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, model_validator
 
 from embedkit.train.config import (
+    DATA_FORMS,
     CheckpointSpec,
     DataSpec,
     EvaluateSpec,
@@ -27,6 +28,7 @@ from embedkit.train.config import (
     LoraSpec,
     ModelSpec,
     PositiveInt,
+    SourceSpec,
     StageConfig,
     Strict,
 )
@@ -66,9 +68,15 @@ class Recipe(Strict):
         return stage.name or f"{index}-{stage.objective}"
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the trained weights (not logging, checkpointing or evaluation)."""
+        """Hash of everything that changes the trained weights (not logging, checkpointing or evaluation). Stage
+        keys added later (``config.added_later``) count only when set, so older runs keep their fingerprint."""
         data = self.model_dump(mode="json", exclude={"logging", "checkpoint", "evaluate", "output_dir", "name",
                                                              "threads"})
+        for stage, dumped in zip(self.stages, data["stages"], strict=True):
+            for key, info in type(stage).model_fields.items():
+                extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+                if extra.get("fingerprint_omits_default") and getattr(stage, key) == info.default:
+                    dumped.pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -90,6 +98,9 @@ def _sub_model(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     current: Any = model
     for part in loc[:-1]:
         if isinstance(part, int):
+            continue
+        if part in DATA_FORMS:  # the tag of a stage's data form (a mapping of files, or a list of sources)
+            current = DataSpec if part == "files" else SourceSpec
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
             return None
@@ -119,7 +130,8 @@ def _collect(err: ValidationError, model: type[BaseModel], prefix: tuple = ()) -
     out = []
     for item in err.errors():
         loc = tuple(item["loc"])
-        out.append((prefix + loc, item.get("input"), _describe(item, _sub_model(model, loc))))
+        shown = tuple(p for i, p in enumerate(loc) if not (p in DATA_FORMS and i and loc[i - 1] == "data"))
+        out.append((prefix + shown, item.get("input"), _describe(item, _sub_model(model, loc))))
     return out
 
 

@@ -20,8 +20,9 @@ import numpy as np
 from torch import nn
 
 from embedkit.train.config import StageConfig
-from embedkit.train.data import read_texts, resolve_path
+from embedkit.train.data import resolve_path
 from embedkit.train.losses import Loss
+from embedkit.train.sources import read_stage_texts
 
 OBJECTIVES: dict[str, type[Objective]] = {}
 
@@ -64,6 +65,10 @@ class Objective:
 
     @classmethod
     def data_paths(cls, config: StageConfig, data_dir: Path | None, recipe_dir: Path | None) -> list[Path]:
+        """The stage's files, for objectives that read only the original ``data: {paths: [...]}`` form."""
+        if not hasattr(config.data, "paths"):
+            raise DataError(f"objective {config.objective!r} reads data: {{paths: [...]}} only, not a list of "
+                            "sources; give its files as data.paths.")
         return [resolve_path(p, data_dir, recipe_dir) for p in config.data.paths]
 
     @classmethod
@@ -78,10 +83,9 @@ class Objective:
 
     @classmethod
     def read_all_texts(cls, config: StageConfig, data_dir: Path | None, recipe_dir: Path | None) -> list[str]:
-        texts: list[str] = []
-        for path in cls.data_paths(config, data_dir, recipe_dir):
-            texts += read_texts(path, config.data.format, config.data.text_field, config.data.limit)
-        return texts
+        """Every source's texts in order (a list of sources: weights apply only where the objective batches by
+        source, as the contrastive ones do)."""
+        return read_stage_texts(config.data, data_dir, recipe_dir).texts
 
     @classmethod
     def check_model(cls, config: StageConfig, embedder) -> str | None:

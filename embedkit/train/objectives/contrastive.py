@@ -1,22 +1,35 @@
 """What the contrastive objectives (SimCSE, supervised) share: their config keys, dropout during training,
-tokenization with the embedder's template, GradCache towers (with Matryoshka prefixes), and a trainable pooler.
+tokenization with the embedder's template, GradCache towers (with Matryoshka prefixes), a trainable pooler,
+how batches are drawn from the stage's sources, and which in-batch candidates are false negatives.
 Registers nothing."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_serializer
+from pydantic import Field
 from torch import nn
 
 from embedkit.batching import Tokenized, tokenize
-from embedkit.train.config import Fraction, PositiveFloat, PositiveInt, StageConfig
-from embedkit.train.losses import EmbedFn, tower_loss
+from embedkit.train.config import Fraction, PositiveFloat, PositiveInt, SourceList, StageConfig, Strict, added_later
+from embedkit.train.data import DataError, RowGroups
+from embedkit.train.losses import EmbedFn, FalseNegatives, text_keys, tower_loss
 from embedkit.train.matryoshka import MatryoshkaSpec, matryoshka_loss, record_dims, width_problem
 from embedkit.train.objectives.base import Objective
+from embedkit.train.sources import source_weights
+
+
+class FalseNegativeSpec(Strict):
+    """In-batch candidates left out of an anchor's negatives (see ``losses.FalseNegatives``)."""
+
+    duplicates: bool = Field(True, description="The anchor's positive text again, or another row's positive "
+                                               "with the same anchor text.")
+    margin: float | None = Field(None, ge=-2, le=2, description="Also drop candidates whose cosine exceeds the "
+                                                                "positive's by more than this (GISTEmbed's guard).")
 
 
 class ContrastiveConfig(StageConfig):
@@ -26,16 +39,19 @@ class ContrastiveConfig(StageConfig):
     gather_across_processes: bool = True
     attention_dropout: Fraction = 0.0
     hidden_dropout: Fraction = 0.0
-    matryoshka: MatryoshkaSpec | None = Field(
+    matryoshka: MatryoshkaSpec | None = added_later(
         None, description="{dims, weights}: the loss summed over truncated, renormalised prefixes (matryoshka.py).")
+    batches: Literal["auto", "same_source", "mixed"] = added_later(
+        "auto", description="same_source: each batch from one source (sources drawn by weight); mixed: rows of all "
+                            "sources in a batch. auto: same_source for a list of sources, else as before.")
+    false_negatives: FalseNegativeSpec = added_later(FalseNegativeSpec())
 
-    @model_serializer(mode="wrap")
-    def _without_unset_matryoshka(self, handler):
-        """Left out while None, so recipes saved before the key existed keep their fingerprint (and resume)."""
-        data = handler(self)
-        if isinstance(data, dict) and data.get("matryoshka", 0) is None:
-            del data["matryoshka"]
-        return data
+    def batch_kind(self) -> str:
+        if self.batches != "auto":
+            return self.batches
+        if isinstance(self.data, SourceList):
+            return "same_source"
+        return "same_source" if getattr(self, "same_source_batches", False) else "mixed"
 
 
 @contextlib.contextmanager
@@ -88,6 +104,43 @@ class ContrastiveObjective(Objective):
         def embed(chunk: Sequence[int]) -> torch.Tensor:
             return emb(*emb.collate(tokenized, [rows[i] for i in chunk]))
         return embed
+
+    def _row_groups(self, sources: list[str]) -> RowGroups | list[str] | None:
+        """How batches are drawn: the original ``data: {paths}`` form as before (``same_source_batches`` groups by
+        file or ``source_field``); a list of sources by their weights, every source holding a whole batch."""
+        same = self.config.batch_kind() == "same_source"
+        data = self.config.data
+        if not isinstance(data, SourceList):
+            return sources if same else None
+        if same:
+            for spec in data.sources:
+                n = sources.count(spec.label)
+                if n < self.config.batch_size:
+                    raise DataError(f"source {spec.label!r} has {n} rows, fewer than batch_size="
+                                    f"{self.config.batch_size}: same-source batches take a whole batch from one "
+                                    "source; lower batch_size, leave the source out, or set batches: mixed.")
+        return RowGroups(sources, source_weights(data, sources), same)
+
+    def _set_keys(self, anchors: Sequence[str], positives: Sequence[str]) -> None:
+        """Text keys of every row, for the duplicate rule (computed once)."""
+        self.anchor_keys, self.positive_keys = text_keys(anchors), text_keys(positives)
+        self.false_negative_counts: dict[str, int] = {}
+
+    def _false_negatives(self, rows: Sequence[int], negatives: Sequence[str] | None = None) -> FalseNegatives | None:
+        """The rule for this step's rows; ``negatives``: the hard negatives' texts (None when the stage has none;
+        possibly empty on one process and not on another, as the loss's negatives)."""
+        spec = self.config.false_negatives
+        if not spec.duplicates and spec.margin is None:
+            return None
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        return FalseNegatives(self.anchor_keys[index], self.positive_keys[index],
+                              None if negatives is None else text_keys(negatives), spec.duplicates, spec.margin,
+                              self.false_negative_counts)
+
+    def report(self) -> dict:
+        """Candidates left out as false negatives over the stage, per rule (only rules that left some out)."""
+        counts = getattr(self, "false_negative_counts", None) or {}
+        return {f"false_negatives_{k}": v for k, v in counts.items() if v}
 
     @staticmethod
     def _count(tokenized: Tokenized, rows: Sequence[int]) -> int:

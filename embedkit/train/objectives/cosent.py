@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from embedkit import distributed
 from embedkit.train.config import PositiveFloat
-from embedkit.train.data import DataError, _field, _is_jsonl, _jsonl_rows
+from embedkit.train.data import DataError, _field, _is_jsonl, jsonl_rows
 from embedkit.train.losses import Loss
 from embedkit.train.objectives.base import register_objective
 from embedkit.train.objectives.contrastive import ContrastiveConfig, ContrastiveObjective
@@ -50,7 +50,7 @@ def read_scored_pairs(path: Path, config: CoSENTConfig) -> tuple[list[str], list
         raise DataError(f"{path}: {config.objective} data must be jsonl rows with {config.sentence1_field!r}, "
                         f"{config.sentence2_field!r} and {config.score_field!r} fields.")
     first, second, scores = [], [], []
-    for number, row in _jsonl_rows(path):
+    for number, row in jsonl_rows(path):
         first.append(_field(path, number, row, config.sentence1_field))
         second.append(_field(path, number, row, config.sentence2_field))
         score = row.get(config.score_field)

@@ -10,6 +10,7 @@ from embedkit.train.config import Fraction, PositiveFloat
 from embedkit.train.losses import Loss, info_nce
 from embedkit.train.objectives.base import register_objective
 from embedkit.train.objectives.contrastive import ContrastiveConfig, ContrastiveObjective
+from embedkit.train.sources import read_stage_texts
 
 
 class SimCSEConfig(ContrastiveConfig):
@@ -27,13 +28,19 @@ class SimCSE(ContrastiveObjective):
 
     @classmethod
     def check_data(cls, config, data_dir, recipe_dir) -> int:
-        return cls.count_texts(config, data_dir, recipe_dir)
+        return len(read_stage_texts(config.data, data_dir, recipe_dir).texts)
 
     def prepare(self) -> None:
-        self.tokenized = self._tokenize(self.read_all_texts(self.config, self.ctx.data_dir, self.ctx.recipe_dir))
+        rows = read_stage_texts(self.config.data, self.ctx.data_dir, self.ctx.recipe_dir)
+        self.tokenized = self._tokenize(rows.texts)
+        self.sources = rows.sources
+        self._set_keys(rows.texts, rows.texts)  # a text is its own positive: a repeated text is a false negative
 
     def num_rows(self) -> int:
         return len(self.tokenized)
+
+    def groups(self):
+        return self._row_groups(self.sources)
 
     def loss(self, rows: Sequence[int], step: int) -> Loss:
         rows = list(rows)
@@ -41,6 +48,7 @@ class SimCSE(ContrastiveObjective):
         cfg = self.config
         value, finish = self.towers_loss(
             [(embed, len(rows)), (embed, len(rows))],
-            lambda a, b: info_nce(a, b, None, temperature=cfg.temperature, gather=cfg.gather_across_processes),
+            lambda a, b: info_nce(a, b, None, temperature=cfg.temperature, gather=cfg.gather_across_processes,
+                                  false_negatives=self._false_negatives(rows)),
             rows)
         return Loss(value, float(len(rows)), 2 * self._count(self.tokenized, rows), finish)

@@ -7,17 +7,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from pydantic import model_validator
+
 from embedkit.batching import Tokenized
 from embedkit.train.config import NonNegativeInt, PositiveFloat
-from embedkit.train.data import PairRows, read_pairs
+from embedkit.train.data import PairRows
 from embedkit.train.losses import Loss, info_nce
 from embedkit.train.negatives import NEGATIVE_SELECTORS
 from embedkit.train.objectives.base import register_objective
 from embedkit.train.objectives.contrastive import ContrastiveConfig, ContrastiveObjective
+from embedkit.train.sources import read_stage_pairs
 
 
 class SupervisedConfig(ContrastiveConfig):
-    """(anchor, positive[, negatives]) rows; in-batch plus hard negatives."""
+    """(anchor, positive[, negatives]) rows; in-batch plus hard negatives. Pair rows (a source without negatives)
+    and triplets mix: a pair's anchor has in-batch negatives only."""
 
     objective: Literal["supervised"] = "supervised"
     temperature: PositiveFloat = 0.02
@@ -25,7 +29,13 @@ class SupervisedConfig(ContrastiveConfig):
     negative_selection: str = "from_data"
     negative_settings: dict[str, Any] = {}
     instruction: str | None = None
-    same_source_batches: bool = False
+    same_source_batches: bool = False  # the original form's same-source switch (``batches`` says it for both)
+
+    @model_validator(mode="after")
+    def _one_batch_kind(self) -> SupervisedConfig:
+        if self.same_source_batches and self.batches == "mixed":
+            raise ValueError("same_source_batches: true contradicts batches: mixed; give one of them")
+        return self
 
 
 @register_objective("supervised", config=SupervisedConfig)
@@ -35,15 +45,12 @@ class Supervised(ContrastiveObjective):
 
     @classmethod
     def check_data(cls, config, data_dir, recipe_dir) -> int:
-        return sum(len(read_pairs(p, config.data, config.hard_negatives))
-                   for p in cls.data_paths(config, data_dir, recipe_dir))
+        return len(read_stage_pairs(config.data, config.hard_negatives, data_dir, recipe_dir))
 
     def prepare(self) -> None:
-        self.rows = PairRows()
-        for path in self.data_paths(self.config, self.ctx.data_dir, self.ctx.recipe_dir):
-            part = read_pairs(path, self.config.data, self.config.hard_negatives)
-            for name in ("anchors", "positives", "negatives", "sources", "instructions"):
-                getattr(self.rows, name).extend(getattr(part, name))
+        self.rows = read_stage_pairs(self.config.data, self.config.hard_negatives, self.ctx.data_dir,
+                                     self.ctx.recipe_dir)
+        self._set_keys(self.rows.anchors, self.rows.positives)
         self.select_negatives = NEGATIVE_SELECTORS[self.config.negative_selection](self.config.negative_settings)
         self.anchors = self._tokenize_anchors()
         self.positives = self._tokenize(self.rows.positives)
@@ -64,16 +71,17 @@ class Supervised(ContrastiveObjective):
     def num_rows(self) -> int:
         return len(self.rows)
 
-    def groups(self) -> list[str] | None:
-        return self.rows.sources if self.config.same_source_batches else None
+    def groups(self):
+        return self._row_groups(self.rows.sources)
 
     def loss(self, rows: Sequence[int], step: int) -> Loss:
         rows = list(rows)
         cfg = self.config
         negatives = self.select_negatives(self, rows)
-        if any(len(n) != cfg.hard_negatives for n in negatives):
+        if any(len(n) != min(cfg.hard_negatives, len(self.rows.negatives[r])) for r, n in zip(rows, negatives,
+                                                                                             strict=True)):
             raise ValueError(f"negative selector {cfg.negative_selection!r} must give {cfg.hard_negatives} "
-                             "negatives per row.")
+                             "negatives per row (a pair row: none).")
         towers = [(self._embed_fn(self.anchors, rows), len(rows)), (self._embed_fn(self.positives, rows), len(rows))]
         tokens = self._count(self.anchors, rows) + self._count(self.positives, rows)
         flat = [text for row in negatives for text in row]
@@ -86,10 +94,13 @@ class Supervised(ContrastiveObjective):
             observe = getattr(self.select_negatives, "observe", None)  # e.g. dynamic mining reads the scores
             if observe is not None and n is not None:
                 observe(rows, a.detach(), p.detach(), n.detach())
-            return info_nce(a, p, n, temperature=cfg.temperature, gather=cfg.gather_across_processes)
+            if n is None and cfg.hard_negatives:  # only pairs here: other processes may still hold negatives
+                n = a.new_zeros((0, a.shape[1]))
+            return info_nce(a, p, n, temperature=cfg.temperature, gather=cfg.gather_across_processes,
+                            false_negatives=self._false_negatives(rows, flat if cfg.hard_negatives else None))
         value, finish = self.towers_loss(towers, loss_fn, rows)
         return Loss(value, float(len(rows)), tokens, finish)
 
     def report(self) -> dict:
         stats = getattr(self.select_negatives, "stats", None)
-        return stats() if callable(stats) else {}
+        return {**(stats() if callable(stats) else {}), **super().report()}

@@ -33,3 +33,4 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check embedkit tests bench eval
+	$(VENV)/bin/lint-imports

@@ -36,6 +36,7 @@ from embedkit.batching import (
     run_batches,
     tokenize,
 )
+from embedkit.compilation import compile_decoder_layers, use_compilable_attention
 from embedkit.embedder_config import CONFIG_FILE, EmbedderConfig
 from embedkit.io import atomic_write_dir
 from embedkit.method_registry import apply_methods
@@ -128,8 +129,6 @@ class Embedder(nn.Module):
         """Compile the decoder layers with ``torch.compile`` (fused element-wise kernels: faster long encodes
         on CPU; the first batches pay the compile). Weights, state dict and fingerprint are unchanged; sdpa
         attention becomes eager attention, which compiles (see ``use_compilable_attention``)."""
-        from embedkit.compilation import compile_decoder_layers, use_compilable_attention  # noqa: PLC0415
-
         if self.forward_hook is not None:
             raise ValueError("compile_layers() does not apply under a forward hook (e.g. Token Prepending, GEM): "
                              "the hook's per-call module hooks would recompile every batch. Encode uncompiled.")

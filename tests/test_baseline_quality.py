@@ -6,7 +6,7 @@ import pytest
 
 from embedkit import Embedder
 from embedkit.backbone import load_backbone
-from embedkit.demo import PROMPT_EOL
+from embedkit.cli.demo import PROMPT_EOL
 from embedkit.evaluation.sts import sts_spearman
 
 pytestmark = pytest.mark.slow

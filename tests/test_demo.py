@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from embedkit.demo import DEFAULT_RECIPE, run_demo
+from embedkit.cli.demo import DEFAULT_RECIPE, run_demo
 
 
 def test_demo_end_to_end_on_stories(stories_path, data_dir, tmp_path):

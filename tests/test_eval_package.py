@@ -25,7 +25,7 @@ def test_importing_the_mteb_wrapper_leaves_the_environment_alone(tmp_path):
     faiss set allocator variables when imported: they are imported first, so only embedkit's effect is seen.)"""
     script = ("import json, os; import torch, faiss, mteb, datasets, transformers, sentence_transformers; "
               "before = dict(os.environ); import embedkit.evaluation.mteb_model, embedkit.evaluation.harness, "
-              "embedkit.evaluation.cli; changed = sorted(k for k in set(before) | set(os.environ) "
+              "embedkit.cli.eval; changed = sorted(k for k in set(before) | set(os.environ) "
               "if before.get(k) != os.environ.get(k)); print(json.dumps(changed))")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path, env=_child_env(PYTHONPATH=str(REPO)))

@@ -27,6 +27,8 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta
 from mteb.types import PromptType
 
+from embedkit.embedder import CONFIG_FILE, open_model
+
 logger = logging.getLogger(__name__)
 
 PROMPT_EOL = 'This sentence : "{text}" means in one word:"'
@@ -204,8 +206,6 @@ def minilm_folder() -> Path:
 
 def default_label(spec: str, embedder=None, template: str | None = None) -> str:
     """A short run name: a saved folder's name, else spec-attention-pooling[-prompteol]."""
-    from embedkit.embedder import CONFIG_FILE  # noqa: PLC0415
-
     path = Path(spec)
     if (path / CONFIG_FILE).is_file():
         return path.resolve().name
@@ -227,8 +227,6 @@ def open_eval_model(spec: str, *, attention: str | None = None, pooling: str | N
     "sentence-transformers"``) loads with sentence-transformers; everything else goes through the embedkit core
     (saved embedder folders load as saved, other specs are wrapped with the given attention/pooling/template).
     """
-    from embedkit.embedder import CONFIG_FILE  # noqa: PLC0415
-
     template = TEMPLATES.get(template, template) if template else None
     path = Path(spec)
     is_st_folder = (path / "modules.json").is_file() and not (path / CONFIG_FILE).is_file()
@@ -247,8 +245,6 @@ def open_eval_model(spec: str, *, attention: str | None = None, pooling: str | N
             model.max_seq_length = max_length
         name = "all-MiniLM-L6-v2" if spec.lower() in MINILM_ALIASES else path.resolve().name
         return from_sentence_transformer(model, label or name, spec)
-    from embedkit.embedder import open_model  # noqa: PLC0415
-
     embedder = open_model(spec, attention=attention, pooling=pooling, dtype=dtype, max_length=max_length,
                           template=template)
     return from_embedder(embedder, label=label or default_label(spec, embedder), spec=spec)

@@ -1,5 +1,6 @@
-"""The main job end to end on the embedded default: baselines -> train a recipe -> STS-B before/after ->
-encode and index a retrieval corpus -> search -> MTEB evaluation. ``make demo`` runs it on SmolLM2-135M.
+"""The main job end to end on the embedded default (``embedkit demo``): baselines -> train a recipe -> STS-B
+before/after -> encode and index a retrieval corpus -> search -> MTEB evaluation. ``make demo`` runs it on
+SmolLM2-135M. It uses train, corpus, index and evaluation, so it lives in the top layer, beside its command.
 """
 
 from __future__ import annotations
@@ -8,12 +9,25 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Annotated
 
+import typer
+
+from embedkit.backbone import load_backbone
+from embedkit.cli.common import run_cli
 from embedkit.datasets import find_data_dir
+from embedkit.embedder import CONFIG_FILE, Embedder
+from embedkit.evaluation.harness import evaluate_model
+from embedkit.evaluation.mteb_model import PROMPT_EOL
+from embedkit.evaluation.retrieval import evaluate_retrieval
+from embedkit.evaluation.sts import sts_spearman
+from embedkit.evaluation.tasks import read_task, read_task_rows
+from embedkit.index import Index
+from embedkit.train import load_recipe, run_recipe
+from embedkit.train.trainer import check_data
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RECIPE = ROOT / "recipes" / "llm2vec-smollm2-cpu.yaml"
-PROMPT_EOL = 'This sentence : "{text}" means in one word:"'
 BASELINE_SETUPS = [  # attention, pooling, template
     ("causal", "mean", None),
     ("causal", "last", None),
@@ -31,9 +45,6 @@ def setup_name(attention: str, pooling: str, template: str | None) -> str:
 def baselines(model: str, data_dir: Path, echo: Callable[[str], None], dtype: str = "auto",
               max_length: int = 128) -> dict[str, float]:
     """STS-B test Spearman of each untrained attention/pooling setup, sharing one loaded backbone."""
-    from embedkit.backbone import load_backbone  # noqa: PLC0415
-    from embedkit.embedder import Embedder  # noqa: PLC0415
-    from embedkit.evaluation.sts import sts_spearman  # noqa: PLC0415
 
     backbone, tokenizer = load_backbone(model, dtype=dtype)
     scores = {}
@@ -52,9 +63,6 @@ def check_demo_inputs(spec, data_dir: Path, train: bool) -> None:
     """Everything the demo will read, checked before the first model loads: the STS-B and MSMARCO-5k task
     folders (every row) and the recipe's training data (or, without training, the saved embedder). Otherwise a
     missing file is found only after minutes of baselines or training."""
-    from embedkit.embedder import CONFIG_FILE  # noqa: PLC0415
-    from embedkit.evaluation.tasks import read_task, read_task_rows  # noqa: PLC0415
-    from embedkit.train.trainer import check_data  # noqa: PLC0415
 
     problems = []
     for folder in (data_dir / STS_TASK, data_dir / RETRIEVAL_TASK):
@@ -77,12 +85,6 @@ def run_demo(data: str | os.PathLike | None = None, recipe: str | os.PathLike = 
              overrides: Sequence[str] = (), *, train: bool = True, with_baselines: bool = True,
              echo: Callable[[str], None] = print) -> dict:
     """Run every stage of the main job and return its figures (also echoed as it goes)."""
-    from embedkit.embedder import Embedder  # noqa: PLC0415
-    from embedkit.evaluation.harness import evaluate_model  # noqa: PLC0415
-    from embedkit.evaluation.retrieval import evaluate_retrieval  # noqa: PLC0415
-    from embedkit.evaluation.sts import sts_spearman  # noqa: PLC0415
-    from embedkit.index import Index  # noqa: PLC0415
-    from embedkit.train import load_recipe, run_recipe  # noqa: PLC0415
 
     data_dir = find_data_dir(data)
     overrides = [f"data_dir={data_dir}", *overrides]
@@ -131,3 +133,11 @@ def run_demo(data: str | os.PathLike | None = None, recipe: str | os.PathLike = 
         echo(f"  {name}: main score {100 * score:.2f}")
     echo(f"saved embedder: {final}  (Embedder.load or SentenceTransformer)")
     return figures
+
+
+def demo(data: Annotated[str, typer.Option(help="Data folder (default ../shared/data).")] = None,
+         recipe: Annotated[str, typer.Option(help="Training recipe.")] = None,
+         overrides: Annotated[list[str], typer.Option("--set", help="Recipe override key.sub=value.")] = None,
+         train: Annotated[bool, typer.Option(help="Train (or reuse the recipe's output folder).")] = True) -> None:
+    """The main job end to end: baselines, train the CPU recipe, STS-B before/after, encode+index+search, MTEB."""
+    run_cli(run_demo, data, recipe or DEFAULT_RECIPE, overrides or (), train=train, echo=typer.echo)

@@ -1,6 +1,4 @@
-"""CLI commands ``encode``, ``index build``, ``index info``, ``index verify`` and ``search``; ``register(app)`` adds
-them to the main typer app (embedkit/cli.py). Heavy imports happen inside the commands, so ``embedkit --help``
-stays fast."""
+"""The ``embedkit index build|info|verify`` commands and ``embedkit search`` over an index folder."""
 
 from __future__ import annotations
 
@@ -9,73 +7,11 @@ from typing import Annotated
 
 import typer
 
+from embedkit.cli.common import open_embedder, run_cli
+from embedkit.index import BuildOptions, Index, build_index, verify_index
+
 index_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Build and inspect FAISS indexes over encoded vectors.")
-
-
-def _helpers():
-    from embedkit import cli as base  # noqa: PLC0415  (embedkit.cli imports this module at its end)
-
-    return base
-
-
-def encode(
-    model: Annotated[str, typer.Argument(help="Hub id, local HF folder, .gguf file, alias, or saved embedder.")],
-    inputs: Annotated[list[str], typer.Option("--input", "-i", help="Input file (.jsonl, .csv, .tsv, .parquet, "
-                                              ".txt or a BEIR corpus.jsonl); repeat for several.")],
-    output: Annotated[str, typer.Option("--output", "-o", help="Vectors folder (created; rerun to resume).")],
-    text_field: Annotated[str, typer.Option(help="Field / column holding the text.")] = "text",
-    id_field: Annotated[str, typer.Option(help="Field holding the id (default: BEIR _id if present, else the "
-                                          "row number).")] = None,
-    title_field: Annotated[str, typer.Option(help="Field joined before the text when present (BEIR title); "
-                                             "'' disables.")] = "title",
-    title_separator: Annotated[str, typer.Option(help="Between title and text.")] = " ",
-    instruction: Annotated[str, typer.Option(help="Prepended to every text (overrides --role).")] = None,
-    role: Annotated[str, typer.Option(help="document (default) or query: which of the model's instructions "
-                                      "to use.")] = "document",
-    vector_dtype: Annotated[str, typer.Option(help="float32 or float16 shards.")] = "float32",
-    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="Default: the model's setting.",
-                                            show_default=False)] = None,
-    shard_size: Annotated[int, typer.Option(help="Input rows per shard (the unit of resume and of splitting "
-                                            "across processes).")] = 10_000,
-    batch_size: Annotated[int, typer.Option(help="Max texts per batch (batches are cut by a token budget).")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Empty texts are an error instead of skipped.")] = False,
-    attention: Annotated[str, typer.Option(help="causal or bidirectional (default: the model's).")] = None,
-    pooling: Annotated[str, typer.Option(help="Pooling (default: the model's, else mean).")] = None,
-    dtype: Annotated[str, typer.Option(help="Model dtype: auto, float32, bfloat16.")] = "auto",
-    max_length: Annotated[int, typer.Option(help="Max tokens per text (default: the model's, else 512).")] = None,
-    compile_layers: Annotated[bool, typer.Option("--compile", help="torch.compile the decoder layers: faster on "
-                                                 "large corpora, ~1 min to compile first.")] = False,
-) -> None:
-    """Encode corpus files into a sharded, resumable vectors folder (works under torchrun)."""
-    base = _helpers()
-
-    def body():
-        from embedkit.corpus.encode import check_encode_options, distributed_rank, encode_corpus  # noqa: PLC0415
-        from embedkit.corpus.manifest import shard_name  # noqa: PLC0415
-        from embedkit.corpus.readers import ReaderOptions, check_inputs  # noqa: PLC0415
-
-        check_inputs(inputs)  # fail on a missing file or a bad option before loading the model
-        check_encode_options(vector_dtype, shard_size, batch_size)
-        rank, world = distributed_rank()
-        prefix = f"[rank {rank}/{world}] " if world > 1 else ""
-        embedder = base.open_embedder(model, attention, pooling, dtype, max_length)
-        if compile_layers:
-            embedder.compile_layers()
-        reader = ReaderOptions(text_field=text_field, id_field=id_field or None, title_field=title_field or None,
-                               title_separator=title_separator)
-
-        def progress(number: int, meta: dict) -> None:
-            typer.echo(f"{prefix}{shard_name(number)}: {meta['count']} vectors"
-                       + (f", {meta['skipped_empty']} empty rows skipped" if meta["skipped_empty"] else ""), err=True)
-
-        result = encode_corpus(embedder, inputs, output, model_spec=model, reader=reader, role=role,
-                               instruction=instruction, normalize=normalize, vector_dtype=vector_dtype,
-                               shard_size=shard_size, batch_size=batch_size, strict=strict, rank=rank,
-                               world_size=world, on_shard=progress)
-        typer.echo(prefix + result.summary())
-
-    base.run_cli(body)
 
 
 @index_app.command("build")
@@ -99,43 +35,31 @@ def index_build(
                                          "first.")] = True,
 ) -> None:
     """Build a FAISS index (ids mapped, model manifest carried) from a vectors folder."""
-    base = _helpers()
-
     def body():
-        from embedkit.index import BuildOptions, build_index  # noqa: PLC0415
-
         options = BuildOptions(index_type=index_type, metric=metric, hnsw_m=hnsw_m, ef_construction=ef_construction,
                                locality_order=locality_order, nlist=nlist, pq_m=pq_m, train_size=train_size,
                                target_recall=target_recall)
         typer.echo(build_index(vectors_dir, output, options, texts=texts, verify=verify).summary())
 
-    base.run_cli(body)
+    run_cli(body)
 
 
 @index_app.command("verify")
 def index_verify(index_dir: Annotated[str, typer.Argument(help="An index folder.")]) -> None:
     """Check every file of an index against the SHA-256 in its index.json; a bad file is named (exit 2)."""
-    base = _helpers()
-
     def body():
-        from embedkit.index import verify_index  # noqa: PLC0415
-
         info = verify_index(index_dir)
         typer.echo(f"OK: {index_dir}: all {len(info['files'])} files match their sha256 ({info['type']}, "
                    f"{info['count']} vectors).")
 
-    base.run_cli(body)
+    run_cli(body)
 
 
 @index_app.command("info")
 def index_info(index_dir: Annotated[str, typer.Argument(help="An index folder.")],
                as_json: Annotated[bool, typer.Option("--json", help="Print index.json.")] = False) -> None:
     """What an index holds: type, size, model, search settings and their measured recall."""
-    base = _helpers()
-
     def body():
-        from embedkit.index import Index  # noqa: PLC0415
-
         index = Index.load(index_dir)
         info = index.info
         if as_json:
@@ -152,7 +76,7 @@ def index_info(index_dir: Annotated[str, typer.Argument(help="An index folder.")
         for key, value in rows.items():
             typer.echo(f"{key:<10} {value}")
 
-    base.run_cli(body)
+    run_cli(body)
 
 
 def search(
@@ -170,14 +94,10 @@ def search(
                                          "sizes and sampled blocks).")] = False,
 ) -> None:
     """Search an index with text queries, encoded as queries by the index's own model."""
-    base = _helpers()
-
     def body():
-        from embedkit.index import Index  # noqa: PLC0415
-
         embedder = None
         if model is not None:
-            embedder = base.open_embedder(model)
+            embedder = open_embedder(model)
         index = Index.load(index_dir, embedder=embedder, check_model=check_model, verify=verify)
         results = index.search(queries, k, ef_search=ef_search, nprobe=nprobe, k_factor=k_factor)
         if as_json:
@@ -191,11 +111,4 @@ def search(
                 text = "" if hit.text is None else "  " + " ".join(hit.text.split())[:100]
                 typer.echo(f"{rank:>3}. {hit.score:.4f}  {hit.id}{text}")
 
-    base.run_cli(body)
-
-
-def register(app: typer.Typer) -> None:
-    """Add encode, index (build, info, verify) and search to the main app."""
-    app.command("encode")(encode)
-    app.add_typer(index_app, name="index")
-    app.command("search")(search)
+    run_cli(body)

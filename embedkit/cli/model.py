@@ -1,25 +1,25 @@
-"""The ``embedkit`` command: info, embed, train, encode, index, search, eval, demo."""
+"""Commands over one model: ``info``, ``embed`` and ``serve``."""
 
 from __future__ import annotations
 
 import json
-import logging
 from typing import Annotated
 
 import typer
 
-from embedkit.attention import ATTENTION_MODES
-from embedkit.pooling import pooling_names
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-
-ModelArg = Annotated[str, typer.Argument(help="Hub id, local HF folder, .gguf file, alias, or saved embedder.")]
-AttentionOpt = Annotated[str, typer.Option(help=f"One of: {', '.join(ATTENTION_MODES)}.")]
-PoolingOpt = Annotated[str, typer.Option(help=f"One of: {', '.join(pooling_names())}.")]
-DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 where fast, else float32), float32, bfloat16.")]
-MaxLengthOpt = Annotated[int, typer.Option(help="Per-text token limit (longer texts are cut); default: the "
-                                                "saved model's, else 512.")]
-DimensionsOpt = Annotated[int, typer.Option(help="Matryoshka: keep the first N components (renormalised).")]
+from embedkit.cli.common import (
+    AttentionOpt,
+    DimensionsOpt,
+    DtypeOpt,
+    MaxLengthOpt,
+    ModelArg,
+    PoolingOpt,
+    open_embedder,
+    run_cli,
+)
+from embedkit.methods.token_prepending import enable_from_option
+from embedkit.serving import ServeSettings, default_model_name, model_loader
+from embedkit.serving import serve as run_server
 
 TokenPrependingOpt = Annotated[str, typer.Option(
     "--token-prepending", metavar="START:END",
@@ -30,34 +30,7 @@ TPOutputLayerOpt = Annotated[int, typer.Option("--tp-output-layer",
                                                help="Token Prepending early exit: embed after this many layers.")]
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
-
-def open_embedder(model: str, attention: str | None = None, pooling: str | None = None, dtype: str = "auto",
-                  max_length: int | None = None, **kwargs):
-    """Open any model spec or saved folder with ``embedkit.embedder.open_model``'s one override policy."""
-    from embedkit.embedder import open_model  # noqa: PLC0415
-
-    return open_model(model, attention=attention, pooling=pooling, dtype=dtype, max_length=max_length, **kwargs)
-
-
-def run_cli(func, *args, **kwargs):
-    """Run a command body; known errors become one red line (exit 2), no traceback."""
-    try:
-        return func(*args, **kwargs)
-    except (ValueError, TypeError, FileNotFoundError, OSError) as err:
-        _fail(str(err))
-
-
-@app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    """Turn any decoder-only LLM into a text encoder."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
-
-
-@app.command()
 def info(model: ModelArg, attention: AttentionOpt = None, pooling: PoolingOpt = None,
          dtype: DtypeOpt = "auto", max_length: MaxLengthOpt = None) -> None:
     """Architecture, parameters, layers, hidden size, attention, pooling, dtype."""
@@ -84,7 +57,6 @@ def info(model: ModelArg, attention: AttentionOpt = None, pooling: PoolingOpt = 
     run_cli(body)
 
 
-@app.command()
 def embed(model: ModelArg, texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
           attention: AttentionOpt = None, pooling: PoolingOpt = None, dtype: DtypeOpt = "auto",
           max_length: MaxLengthOpt = None, dimensions: DimensionsOpt = None,
@@ -96,8 +68,6 @@ def embed(model: ModelArg, texts: Annotated[list[str], typer.Argument(help="Text
     def body():
         embedder = open_embedder(model, attention, pooling, dtype, max_length)
         if token_prepending:
-            from embedkit.methods.token_prepending import enable_from_option  # noqa: PLC0415
-
             enable_from_option(embedder, token_prepending, tp_prompt, tp_output_layer)
         vectors = embedder.encode(texts, instruction=instruction, dimensions=dimensions)
         if as_json:
@@ -109,32 +79,6 @@ def embed(model: ModelArg, texts: Annotated[list[str], typer.Argument(help="Text
     run_cli(body)
 
 
-@app.command()
-def demo(data: Annotated[str, typer.Option(help="Data folder (default ../shared/data).")] = None,
-         recipe: Annotated[str, typer.Option(help="Training recipe.")] = None,
-         overrides: Annotated[list[str], typer.Option("--set", help="Recipe override key.sub=value.")] = None,
-         train: Annotated[bool, typer.Option(help="Train (or reuse the recipe's output folder).")] = True) -> None:
-    """The main job end to end: baselines, train the CPU recipe, STS-B before/after, encode+index+search, MTEB."""
-    from embedkit.demo import DEFAULT_RECIPE, run_demo  # noqa: PLC0415
-
-    run_cli(run_demo, data, recipe or DEFAULT_RECIPE, overrides or (), train=train, echo=typer.echo)
-
-
-from embedkit.evaluation.cli import eval_app  # noqa: E402  (the eval command group lives with the harness)
-
-app.add_typer(eval_app, name="eval")
-
-
-from embedkit.train.cli import train as _train  # noqa: E402
-
-app.command(name="train")(_train)
-
-from embedkit.corpus.cli import register as _register_corpus  # noqa: E402
-
-_register_corpus(app)  # encode, index build/info, search
-
-
-@app.command()
 def serve(model: ModelArg,
           index: Annotated[str, typer.Option(help="Index folder for /v1/search (built with this model).")] = None,
           host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")]
@@ -158,9 +102,6 @@ def serve(model: ModelArg,
                                                     "built by another model (fingerprint).")] = True) -> None:
     """Serve MODEL over HTTP: OpenAI's /v1/embeddings (and /v1/search with --index), with dynamic batching."""
     def body():
-        from embedkit.serving import ServeSettings, default_model_name, model_loader  # noqa: PLC0415
-        from embedkit.serving import serve as run_server  # noqa: PLC0415
-
         settings = ServeSettings.from_options(
             model_name=model_name or default_model_name(model), api_key=api_key or None, max_wait_ms=max_wait_ms,
             max_queue_texts=max_queue, max_texts_per_request=max_texts, max_chars_per_text=max_chars,

@@ -1,8 +1,4 @@
-"""The ``embedkit train RECIPE [key.sub=value ...] [--resume]`` command body.
-
-Its error wrapper is its own (same contract as the other commands: a known error is one red line, exit 2)
-so that train does not import ``embedkit.cli``; the lead unifies the wrappers when the CLIs move.
-"""
+"""The ``embedkit train RECIPE [key.sub=value ...] [--resume]`` command."""
 
 from __future__ import annotations
 
@@ -10,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from embedkit.cli.common import run_cli
 from embedkit.train.trainer import run_recipe
 
 
@@ -21,9 +18,5 @@ def train(
     = False,
 ) -> None:
     """Train an embedder from a recipe (MNTP, SimCSE, supervised contrastive on LoRA)."""
-    try:
-        final = run_recipe(recipe, overrides=overrides or [], resume=resume)
-    except (ValueError, TypeError, FileNotFoundError, OSError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    final = run_cli(run_recipe, recipe, overrides=overrides or [], resume=resume)
     typer.echo(f"trained embedder: {final}")

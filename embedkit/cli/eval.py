@@ -11,8 +11,27 @@ import warnings
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from typer.core import TyperGroup
+
+from embedkit.cli.common import first_line, run_cli
+from embedkit.datasets import find_data_dir
+from embedkit.evaluation.harness import EvalTask, evaluate, local_eval_task, mteb_eval_tasks
+from embedkit.evaluation.mteb_model import EmbedkitEncoder, LoadedModel, load_instructions, open_eval_model
+from embedkit.evaluation.offline import ensure_offline
+from embedkit.evaluation.report import (
+    compare_runs,
+    comparison_csv,
+    comparison_details,
+    comparison_markdown,
+    comparison_plot,
+    pct,
+    secs,
+)
+from embedkit.evaluation.task_sets import read_task_set
+from embedkit.evaluation.tasks import find_tasks
+from embedkit.io import atomic_write_text
 
 
 class _RunByDefault(TyperGroup):
@@ -29,27 +48,6 @@ eval_app = typer.Typer(cls=_RunByDefault, add_completion=False, no_args_is_help=
 TEMPLATE_HELP = "Text template with {text}, or 'prompteol' (PromptEOL; use with --pooling last)."
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-def _guard(body, debug: bool):
-    """Errors become one red line (exit 2); --debug shows the traceback instead."""
-    try:
-        return body()
-    except typer.Exit:
-        raise
-    except KeyboardInterrupt:
-        _fail("interrupted")
-    except Exception as err:  # noqa: BLE001 - the CLI's one-line error contract
-        if debug:
-            raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        _fail(message + ("" if isinstance(err, ValueError | FileNotFoundError) else
-                         f" ({type(err).__name__}; rerun with --debug for the traceback)"))
-
-
 def baselines_dir(explicit: Path | None) -> Path | None:
     """Stored baseline results to compare with: ``--baselines``, else ``eval/results`` of the current folder or
     of the source checkout this package runs from (an installed wheel has none: then no hint is printed)."""
@@ -63,6 +61,7 @@ def baselines_dir(explicit: Path | None) -> Path | None:
 
 
 @eval_app.command("run")
+# typer reads each option's declaration from the signature: 20 options make this function long, its body is short
 def run(
     model: Annotated[str, typer.Argument(help="Saved embedder folder, backbone spec (hub id, folder, .gguf, alias), "
                                               "or all-MiniLM-L6-v2.")],
@@ -97,81 +96,86 @@ def run(
 ) -> None:
     """Evaluate MODEL on local task folders (and/or standard mteb tasks) with mteb's evaluators."""
     def body():
-        from embedkit.evaluation.offline import ensure_offline  # noqa: PLC0415
-
         ensure_offline()
-        from embedkit.datasets import find_data_dir  # noqa: PLC0415
-        from embedkit.evaluation.harness import local_eval_task, mteb_eval_tasks  # noqa: PLC0415
-        from embedkit.evaluation.task_sets import read_task_set  # noqa: PLC0415
-        from embedkit.evaluation.tasks import find_tasks  # noqa: PLC0415
-
-        if not (task_dir or task_set or tasks):
-            raise ValueError("Nothing to evaluate: give --task-dir DIR, --task-set NAME or --tasks NAME,... "
-                             "(e.g. --task-dir ../shared/data for every local task).")
-        try:
-            data_dir = find_data_dir(data)
-        except FileNotFoundError:
-            if task_set or data:
-                raise
-            data_dir = None
-        folders = list(task_dir or [])
-        if task_set:
-            folders += read_task_set(task_set, data_dir)
-        local = find_tasks(folders) if folders else []
-        eval_tasks = [local_eval_task(t, data_dir) for t in local]
-        if tasks:
-            local_names = [t.name for t in local]
-            if data_dir is not None:
-                local_names += [p.parent.name for p in Path(data_dir).glob("*/*/task.json")]
-            eval_tasks += mteb_eval_tasks([n.strip() for n in tasks.split(",") if n.strip()], local_names)
+        eval_tasks = collect_tasks(task_dir, task_set, tasks, data)
         typer.echo(f"{len(eval_tasks)} task(s): {', '.join(t.name for t in eval_tasks)}")
-
-        from embedkit.evaluation.harness import evaluate  # noqa: PLC0415
-        from embedkit.evaluation.mteb_model import EmbedkitEncoder, load_instructions, open_eval_model  # noqa: PLC0415
-        from embedkit.evaluation.report import pct, secs  # noqa: PLC0415
-
         table = load_instructions(instructions)
         if threads:
-            import torch  # noqa: PLC0415
-
             torch.set_num_threads(threads)
         start = time.perf_counter()
-        try:
-            loaded = open_eval_model(model, attention=attention, pooling=pooling, dtype=dtype,
-                                     max_length=max_length, template=template, label=name)
-        except Exception as err:
-            if debug:
-                raise
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"could not load model {model!r}: {first}") from None
-        if compile_layers:
-            if loaded.backend != "embedkit":
-                raise ValueError("--compile applies to embedkit models; drop it for sentence-transformers models.")
-            loaded.model.compile_layers()
-            loaded.runtime["compiled"] = True
+        loaded = open_model_for_eval(model, debug=debug, compile_layers=compile_layers, attention=attention,
+                                     pooling=pooling, dtype=dtype, max_length=max_length, template=template,
+                                     label=name)
         load_seconds = time.perf_counter() - start
         typer.echo(f"model {loaded.label} ({loaded.backend}, fingerprint {loaded.fingerprint}, "
                    f"loaded in {load_seconds:.1f} s)")
         out = output or Path("runs") / "eval" / loaded.label
-
-        def show(record: dict) -> None:
-            note = " (stored result reused)" if record.get("reused") else ""
-            typer.echo(f"  {record['name']:<24} {record['type']:<20} {record['metric']:<16} "
-                       f"{pct(record['score']):>6}  {secs(record['seconds']):>6} s{note}")
-
         run_record = evaluate(EmbedkitEncoder(loaded, table, batch_size=batch_size), eval_tasks, out,
-                              load_seconds=load_seconds, reuse=not rerun, on_task=show)
-        typer.echo(f"  {'average':<58} {pct(run_record['average']):>6}  {secs(run_record['total_seconds']):>6} s")
-        typer.echo(f"results in {out}/ (run.json, summary.md, summary.csv, scores.png, mteb/*.json)")
-        stored = baselines_dir(baselines)
-        if stored is not None and any(stored.glob("*/run.json")) and Path(out).resolve().parent != stored.resolve():
-            typer.echo(f"beside the baselines: embedkit eval compare {stored} {out}")
+                              load_seconds=load_seconds, reuse=not rerun, on_task=show_task)
+        show_run(run_record, out, baselines)
 
     if not debug:
         logging.getLogger("mteb").setLevel(logging.ERROR)
         # mteb's scoring (sklearn) warns per label and experiment for weak models; the scores stand as computed
         warnings.filterwarnings("ignore", module=r"sklearn\.")
-    _guard(body, debug)
+    run_cli(body, debug=debug)
+
+
+def collect_tasks(task_dir: list[Path] | None, task_set: str | None, tasks: str | None,
+                  data: str | None) -> list[EvalTask]:
+    """The tasks ``eval run`` names: local task folders, a task set's folders, then standard mteb tasks."""
+    if not (task_dir or task_set or tasks):
+        raise ValueError("Nothing to evaluate: give --task-dir DIR, --task-set NAME or --tasks NAME,... "
+                         "(e.g. --task-dir ../shared/data for every local task).")
+    try:
+        data_dir = find_data_dir(data)
+    except FileNotFoundError:
+        if task_set or data:
+            raise
+        data_dir = None
+    folders = list(task_dir or [])
+    if task_set:
+        folders += read_task_set(task_set, data_dir)
+    local = find_tasks(folders) if folders else []
+    eval_tasks = [local_eval_task(t, data_dir) for t in local]
+    if tasks:
+        local_names = [t.name for t in local]
+        if data_dir is not None:
+            local_names += [p.parent.name for p in Path(data_dir).glob("*/*/task.json")]
+        eval_tasks += mteb_eval_tasks([n.strip() for n in tasks.split(",") if n.strip()], local_names)
+    return eval_tasks
+
+
+def open_model_for_eval(model: str, *, debug: bool, compile_layers: bool, **options) -> LoadedModel:
+    """``open_eval_model`` whose load error names the model (one line unless --debug), then ``--compile``."""
+    try:
+        loaded = open_eval_model(model, **options)
+    except Exception as err:
+        if debug:
+            raise
+        raise ValueError(f"could not load model {model!r}: {first_line(err)}") from None
+    if compile_layers:
+        if loaded.backend != "embedkit":
+            raise ValueError("--compile applies to embedkit models; drop it for sentence-transformers models.")
+        loaded.model.compile_layers()
+        loaded.runtime["compiled"] = True
+    return loaded
+
+
+def show_task(record: dict) -> None:
+    """One table row per finished task."""
+    note = " (stored result reused)" if record.get("reused") else ""
+    typer.echo(f"  {record['name']:<24} {record['type']:<20} {record['metric']:<16} "
+               f"{pct(record['score']):>6}  {secs(record['seconds']):>6} s{note}")
+
+
+def show_run(run_record: dict, out: Path, baselines: Path | None) -> None:
+    """The average row, where the results are, and how to see them beside the stored baselines."""
+    typer.echo(f"  {'average':<58} {pct(run_record['average']):>6}  {secs(run_record['total_seconds']):>6} s")
+    typer.echo(f"results in {out}/ (run.json, summary.md, summary.csv, scores.png, mteb/*.json)")
+    stored = baselines_dir(baselines)
+    if stored is not None and any(stored.glob("*/run.json")) and Path(out).resolve().parent != stored.resolve():
+        typer.echo(f"beside the baselines: embedkit eval compare {stored} {out}")
 
 
 @eval_app.command("compare")
@@ -187,15 +191,6 @@ def compare(
 ) -> None:
     """One table of main scores (x100) across runs: rows are runs, columns tasks, plus the average."""
     def body():
-        from embedkit.evaluation.report import (  # noqa: PLC0415
-            compare_runs,
-            comparison_csv,
-            comparison_details,
-            comparison_markdown,
-            comparison_plot,
-        )
-        from embedkit.io import atomic_write_text  # noqa: PLC0415
-
         cmp = compare_runs(results)
         typer.echo(comparison_markdown(cmp, times=times), nl=False)
         if markdown:
@@ -208,4 +203,4 @@ def compare(
         if plot:
             comparison_plot(cmp, plot)
 
-    _guard(body, debug)
+    run_cli(body, debug=debug)

@@ -20,7 +20,7 @@ import numpy as np
 from torch import nn
 
 from embedkit.train.config import StageConfig
-from embedkit.train.data import resolve_path
+from embedkit.train.data import DataError, resolve_path
 from embedkit.train.losses import Loss
 from embedkit.train.sources import read_stage_texts
 

@@ -291,5 +291,5 @@ def test_precision_and_dimensions_shards(tmp_path, embedder, texts):
         encode_corpus(embedder, [corpus], tmp_path / "bad", dimensions=0)
     with pytest.raises(ValueError, match=r"^dimensions must be between 1 and 64, got 65: "):
         encode_corpus(embedder, [corpus], tmp_path / "bad", dimensions=65)
-    with pytest.raises(ValueError, match="differences: .*precision: 'int8' before, 'binary' now"):
+    with pytest.raises(ValueError, match="Differences: .*precision: 'int8' before, 'binary' now"):
         encode_corpus(embedder, [corpus], tmp_path / "i8", precision="binary", shard_size=16)

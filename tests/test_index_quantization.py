@@ -164,3 +164,41 @@ def test_bad_input_is_one_line(vectors, tmp_path):
         with pytest.raises(ValueError, match=r"^rescore_multiplier \(--rescore-multiplier\) must be an integer of at "
                                              rf"least 0 \(0 = no rescoring\), got {bad!r}\.$"):
             index.search(np.ones((1, 64), dtype=np.float32), 3, rescore_multiplier=bad)
+
+
+def test_cli_precision_dimensions_and_rescore_multiplier(tmp_path, vectors, texts):
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from embedkit.cli import app  # noqa: PLC0415
+
+    runner = CliRunner()
+    corpus = open_vectors(vectors).manifest["inputs"][0]["path"]
+    out, idx = tmp_path / "v", tmp_path / "i"
+    result = runner.invoke(app, ["encode", str(STORIES), "--input", corpus, "--output", str(out), "--dtype",
+                                 "float32", "--max-length", "48", "--dimensions", "32", "--precision", "int8"])
+    assert result.exit_code == 0, result.output
+    manifest = open_vectors(out).manifest
+    assert (manifest["dimension"], manifest["precision"], len(manifest["ranges"][0])) == (32, "int8", 32)
+    result = runner.invoke(app, ["index", "build", str(out), "--output", str(idx), "--precision", "binary",
+                                 "--dimensions", "16"])
+    assert result.exit_code == 0 and "binary_flat (BFlat, ip) over 100 vectors x 16" in result.output, result.output
+    result = runner.invoke(app, ["index", "info", str(idx)])
+    assert result.exit_code == 0 and "binary, 2.33 bytes per vector, rescoring 4 x k" in result.output, result.output
+    result = runner.invoke(app, ["search", str(idx), texts[5], "-k", "3", "--json", "--rescore-multiplier", "40"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["results"][0]["hits"][0]["id"] == "d5"
+    for args, message in (
+        (["search", str(idx), "q", "--rescore-multiplier", "-1"], "rescore_multiplier (--rescore-multiplier) must"),
+        (["index", "build", str(out), "--output", str(tmp_path / "x"), "--dimensions", "33"],
+         "dimensions must be between 1 and 32, got 33"),
+        (["index", "build", str(out), "--output", str(tmp_path / "x"), "--precision", "int4"],
+         "precision must be one of float32"),
+        (["encode", str(STORIES), "--input", corpus, "--output", str(tmp_path / "x"), "--dimensions", "0"],
+         "dimensions must be at least 1, got 0"),
+        (["encode", str(STORIES), "--input", corpus, "--output", str(tmp_path / "x"), "--dimensions", "65"],
+         "dimensions must be between 1 and 64, got 65"),
+    ):
+        result = runner.invoke(app, args)
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 2 and len(errors) == 1 and message in errors[0], result.output
+        assert "Traceback" not in result.output

@@ -33,7 +33,12 @@ def encode(
     instruction: Annotated[str, typer.Option(help="Prepended to every text (overrides --role).")] = None,
     role: Annotated[str, typer.Option(help="document (default) or query: which of the model's instructions "
                                       "to use.")] = "document",
-    vector_dtype: Annotated[str, typer.Option(help="float32 or float16 shards.")] = "float32",
+    vector_dtype: Annotated[str, typer.Option(help="float32 or float16 shards (older name of --precision).")]
+    = "float32",
+    precision: Annotated[str, typer.Option(help="Shards hold float32, float16, int8, uint8 (ranges calibrated on "
+                                           "a sample), binary or ubinary codes (sentence-transformers' "
+                                           "quantize_embeddings).")] = None,
+    dimensions: Annotated[int, typer.Option(help="Matryoshka: keep the first N components (renormalised).")] = None,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="Default: the model's setting.",
                                             show_default=False)] = None,
     shard_size: Annotated[int, typer.Option(help="Input rows per shard (the unit of resume and of splitting "
@@ -56,7 +61,7 @@ def encode(
         from embedkit.corpus.readers import ReaderOptions, check_inputs  # noqa: PLC0415
 
         check_inputs(inputs)  # fail on a missing file or a bad option before loading the model
-        check_encode_options(vector_dtype, shard_size, batch_size)
+        check_encode_options(vector_dtype, shard_size, batch_size, precision, dimensions)
         rank, world = distributed_rank()
         prefix = f"[rank {rank}/{world}] " if world > 1 else ""
         embedder = base.open_embedder(model, attention, pooling, dtype, max_length)
@@ -71,6 +76,7 @@ def encode(
 
         result = encode_corpus(embedder, inputs, output, model_spec=model, reader=reader, role=role,
                                instruction=instruction, normalize=normalize, vector_dtype=vector_dtype,
+                               precision=precision, dimensions=dimensions,
                                shard_size=shard_size, batch_size=batch_size, strict=strict, rank=rank,
                                world_size=world, on_shard=progress)
         typer.echo(prefix + result.summary())
@@ -83,7 +89,13 @@ def index_build(
     vectors_dir: Annotated[str, typer.Argument(help="A finished `embedkit encode` output folder.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Index folder to write (replaced atomically).")],
     index_type: Annotated[str, typer.Option("--type", help="auto, or a registered index type: flat, hnsw, ivf, "
-                                            "ivfpq (and any plug-in's).")] = "auto",
+                                            "ivfpq, int8_flat, fp16_flat, binary_flat, binary_hnsw (and any "
+                                            "plug-in's).")] = "auto",
+    precision: Annotated[str, typer.Option(help="What the index stores: float32, float16, int8, uint8, binary or "
+                                           "ubinary (compact codes; searches rescore with the vectors folder).")]
+    = "float32",
+    dimensions: Annotated[int, typer.Option(help="Matryoshka: index the first N components (renormalised); "
+                                            "queries are encoded at that width.")] = None,
     metric: Annotated[str, typer.Option(help="ip or l2 (default: ip for normalised vectors, else l2).")] = None,
     target_recall: Annotated[float, typer.Option(help="Recall@10 the search settings are tuned to reach.")] = 0.95,
     nlist: Annotated[int, typer.Option(help="IVF lists (default ~sqrt(n)).")] = None,
@@ -106,7 +118,7 @@ def index_build(
 
         options = BuildOptions(index_type=index_type, metric=metric, hnsw_m=hnsw_m, ef_construction=ef_construction,
                                locality_order=locality_order, nlist=nlist, pq_m=pq_m, train_size=train_size,
-                               target_recall=target_recall)
+                               target_recall=target_recall, precision=precision, dimensions=dimensions)
         typer.echo(build_index(vectors_dir, output, options, texts=texts, verify=verify).summary())
 
     base.run_cli(body)
@@ -144,7 +156,10 @@ def index_info(index_dir: Annotated[str, typer.Argument(help="An index folder.")
         cal = info["calibration"]
         rows = {
             "type": f"{info['type']} ({info['factory']})", "vectors": f"{info['count']:,} x {info['dimension']}",
-            "metric": info["metric"], "model": f"{info['model']['spec']} (fingerprint {info['model']['fingerprint']})",
+            "metric": info["metric"],
+            "precision": f"{info.get('precision', 'float32')}, {info.get('bytes_per_vector', '?')} bytes per vector"
+                         + (f", rescoring {info['rescore_multiplier']} x k" if info.get("rescore_multiplier") else ""),
+            "model": f"{info['model']['spec']} (fingerprint {info['model']['fingerprint']})",
             "search": ", ".join(f"{k}={v}" for k, v in info["search"].items()) or "exact",
             "recall@10": f"{cal['recall_at_10']:.3f} on {cal['probes']} corpus probes",
             "texts": "yes" if info["texts"] else f"no ({info.get('texts_note')})",
@@ -163,6 +178,9 @@ def search(
     ef_search: Annotated[int, typer.Option(help="HNSW search depth (default: calibrated).")] = None,
     nprobe: Annotated[int, typer.Option(help="IVF lists to visit (default: calibrated).")] = None,
     k_factor: Annotated[int, typer.Option(help="IVF-PQ exact re-ranking depth (default: calibrated).")] = None,
+    rescore_multiplier: Annotated[int, typer.Option(help="Compact indexes: rescore this many times k candidates "
+                                                    "with the float vectors (default: the index's, 4 for binary; "
+                                                    "0 = off).")] = None,
     model: Annotated[str, typer.Option(help="Query model (default: the one that encoded the corpus).")] = None,
     check_model: Annotated[bool, typer.Option("--check-model/--no-check-model", help="Refuse a --model "
                                               "whose fingerprint differs from the index's.")] = True,
@@ -179,7 +197,8 @@ def search(
         if model is not None:
             embedder = base.open_embedder(model)
         index = Index.load(index_dir, embedder=embedder, check_model=check_model, verify=verify)
-        results = index.search(queries, k, ef_search=ef_search, nprobe=nprobe, k_factor=k_factor)
+        results = index.search(queries, k, ef_search=ef_search, nprobe=nprobe, k_factor=k_factor,
+                               rescore_multiplier=rescore_multiplier)
         if as_json:
             typer.echo(json.dumps({"index": index_dir, "k": k, "results": [
                 {"query": q, "hits": [h.to_dict() for h in hits]} for q, hits in zip(queries, results, strict=True)

@@ -2,7 +2,6 @@
 dimensions round trip through the vectors manifest, index.json and the query width; bad input is one line."""
 
 import json
-import warnings
 from pathlib import Path
 
 import faiss
@@ -18,14 +17,6 @@ REPO = Path(__file__).resolve().parent.parent
 STORIES = REPO.parent / "shared" / "models" / "stories260K"
 SENTENCES = REPO.parent / "shared" / "data" / "unlabeled" / "TinyStories" / "sentences.txt"
 N_TEXTS = 100
-
-
-@pytest.fixture(scope="module")
-def quantize_embeddings():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = pytest.importorskip("sentence_transformers.util.quantization")
-    return module.quantize_embeddings
 
 
 @pytest.fixture(scope="module")

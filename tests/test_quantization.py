@@ -1,7 +1,5 @@
 """embedkit.quantization: the codes equal sentence-transformers' quantize_embeddings; Matryoshka truncation."""
 
-import warnings
-
 import numpy as np
 import pytest
 
@@ -14,14 +12,6 @@ from embedkit.quantization import (
     to_ubinary,
     truncate_dimensions,
 )
-
-
-@pytest.fixture(scope="module")
-def quantize_embeddings():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = pytest.importorskip("sentence_transformers.util.quantization")
-    return module.quantize_embeddings
 
 
 def _vectors(rows=300, dim=37, seed=0):

@@ -74,3 +74,14 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def stories_path() -> Path:
     return STORIES
+
+
+@pytest.fixture(scope="session")
+def quantize_embeddings():
+    """sentence-transformers' quantize_embeddings: the reference embedkit.quantization's codes must equal."""
+    import warnings  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = pytest.importorskip("sentence_transformers.util.quantization")
+    return module.quantize_embeddings

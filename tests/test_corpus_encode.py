@@ -260,3 +260,36 @@ def test_cli_refuses_batch_size_zero_in_one_line_before_the_model_loads(tmp_path
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == ["error: batch size must be at least 1, got 0: give a positive "
                                                   "--batch-size, or leave it unset for the model's own."]
+
+
+def test_precision_and_dimensions_shards(tmp_path, embedder, texts):
+    """Quantized shards hold the codes of the float vectors at the calibrated ranges; --dimensions cuts them."""
+    from embedkit.quantization import calibration_ranges, quantize, truncate_dimensions
+
+    corpus = _corpus(tmp_path, texts[:30])
+    full = embedder.encode(texts[:30])
+    encode_corpus(embedder, [corpus], tmp_path / "b", precision="binary", dimensions=20, shard_size=16)
+    vset = open_vectors(tmp_path / "b")
+    m = vset.manifest
+    assert (m["dimension"], m["model_dimension"], m["precision"], m["dtype"]) == (20, 64, "binary", "int8")
+    assert m["options"]["dimensions"] == 20 and m["options"]["precision"] == "binary"
+    codes = np.concatenate([v for _, v in vset.iter_shards()])
+    np.testing.assert_array_equal(codes, quantize(truncate_dimensions(full, 20), "binary"))
+    assert codes.shape == (30, 3) and vset.load().shape == (30, 20)
+
+    encode_corpus(embedder, [corpus], tmp_path / "i8", precision="int8", shard_size=16)
+    vset = open_vectors(tmp_path / "i8")
+    ranges = vset.ranges
+    assert vset.manifest["calibration_rows"] == 30 and vset.precision == "int8"
+    np.testing.assert_allclose(ranges, calibration_ranges(full), atol=1e-5)
+    codes = np.concatenate([v for _, v in vset.iter_shards()])
+    assert np.abs(codes.astype(int) - quantize(full, "int8", ranges).astype(int)).max() <= 1  # float noise only
+    assert encode_corpus(embedder, [corpus], tmp_path / "i8", precision="int8", shard_size=16).already_complete
+    with pytest.raises(ValueError, match=r"^precision must be one of float32, .*got 'int4'\.$"):
+        encode_corpus(embedder, [corpus], tmp_path / "bad", precision="int4")
+    with pytest.raises(ValueError, match=r"^dimensions must be at least 1, got 0: "):
+        encode_corpus(embedder, [corpus], tmp_path / "bad", dimensions=0)
+    with pytest.raises(ValueError, match=r"^dimensions must be between 1 and 64, got 65: "):
+        encode_corpus(embedder, [corpus], tmp_path / "bad", dimensions=65)
+    with pytest.raises(ValueError, match="Differences: .*precision: 'int8' before, 'binary' now"):
+        encode_corpus(embedder, [corpus], tmp_path / "i8", precision="binary", shard_size=16)

@@ -88,7 +88,8 @@ def test_a_type_registered_from_outside_builds_calibrates_and_searches(toy):
 def test_its_options_are_validated_and_its_folder_loads_and_searches(toy, tmp_path, vectors):
     with pytest.raises(ValueError, match=r"hnsw_m \(--hnsw-m\) must be an integer from 4 to 64, got 100\."):
         BuildOptions(index_type="hnsw-sq8", hnsw_m=100)  # the plug-in's own, stricter range applies too
-    with pytest.raises(ValueError, match="index type must be one of auto, flat, hnsw, ivf, ivfpq, hnsw-sq8"):
+    with pytest.raises(ValueError, match="index type must be one of auto, flat, hnsw, ivf, ivfpq, int8_flat, "
+                                         "fp16_flat, binary_flat, binary_hnsw, hnsw-sq8, got .sq8."):
         BuildOptions(index_type="sq8")
 
     build_index(vectors, tmp_path / "i", BuildOptions(index_type="hnsw-sq8", hnsw_m=8))

@@ -27,7 +27,12 @@ def encode(
     instruction: Annotated[str, typer.Option(help="Prepended to every text (overrides --role).")] = None,
     role: Annotated[str, typer.Option(help="document (default) or query: which of the model's instructions "
                                       "to use.")] = "document",
-    vector_dtype: Annotated[str, typer.Option(help="float32 or float16 shards.")] = "float32",
+    vector_dtype: Annotated[str, typer.Option(help="float32 or float16 shards (older name of --precision).")]
+    = "float32",
+    precision: Annotated[str, typer.Option(help="Shards hold float32, float16, int8, uint8 (ranges calibrated on "
+                                           "a sample), binary or ubinary codes (sentence-transformers' "
+                                           "quantize_embeddings).")] = None,
+    dimensions: Annotated[int, typer.Option(help="Matryoshka: keep the first N components (renormalised).")] = None,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="Default: the model's setting.",
                                             show_default=False)] = None,
     shard_size: Annotated[int, typer.Option(help="Input rows per shard (the unit of resume and of splitting "
@@ -44,7 +49,7 @@ def encode(
     """Encode corpus files into a sharded, resumable vectors folder (works under torchrun)."""
     def body():
         check_inputs(inputs)  # fail on a missing file or a bad option before loading the model
-        check_encode_options(vector_dtype, shard_size, batch_size)
+        check_encode_options(vector_dtype, shard_size, batch_size, precision, dimensions)
         rank, world = distributed_rank()
         prefix = f"[rank {rank}/{world}] " if world > 1 else ""
         embedder = open_embedder(model, attention, pooling, dtype, max_length)
@@ -59,8 +64,8 @@ def encode(
 
         result = encode_corpus(embedder, inputs, output, model_spec=model, reader=reader, role=role,
                                instruction=instruction, normalize=normalize, vector_dtype=vector_dtype,
-                               shard_size=shard_size, batch_size=batch_size, strict=strict, rank=rank,
-                               world_size=world, on_shard=progress)
+                               precision=precision, dimensions=dimensions, shard_size=shard_size,
+                               batch_size=batch_size, strict=strict, rank=rank, world_size=world, on_shard=progress)
         typer.echo(prefix + result.summary())
 
     run_cli(body)

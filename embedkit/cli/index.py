@@ -19,7 +19,13 @@ def index_build(
     vectors_dir: Annotated[str, typer.Argument(help="A finished `embedkit encode` output folder.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Index folder to write (replaced atomically).")],
     index_type: Annotated[str, typer.Option("--type", help="auto, or a registered index type: flat, hnsw, ivf, "
-                                            "ivfpq (and any plug-in's).")] = "auto",
+                                            "ivfpq, int8_flat, fp16_flat, binary_flat, binary_hnsw (and any "
+                                            "plug-in's).")] = "auto",
+    precision: Annotated[str, typer.Option(help="What the index stores: float32, float16, int8, uint8, binary or "
+                                           "ubinary (compact codes; searches rescore with the vectors folder).")]
+    = "float32",
+    dimensions: Annotated[int, typer.Option(help="Matryoshka: index the first N components (renormalised); "
+                                            "queries are encoded at that width.")] = None,
     metric: Annotated[str, typer.Option(help="ip or l2 (default: ip for normalised vectors, else l2).")] = None,
     target_recall: Annotated[float, typer.Option(help="Recall@10 the search settings are tuned to reach.")] = 0.95,
     nlist: Annotated[int, typer.Option(help="IVF lists (default ~sqrt(n)).")] = None,
@@ -38,7 +44,7 @@ def index_build(
     def body():
         options = BuildOptions(index_type=index_type, metric=metric, hnsw_m=hnsw_m, ef_construction=ef_construction,
                                locality_order=locality_order, nlist=nlist, pq_m=pq_m, train_size=train_size,
-                               target_recall=target_recall)
+                               target_recall=target_recall, precision=precision, dimensions=dimensions)
         typer.echo(build_index(vectors_dir, output, options, texts=texts, verify=verify).summary())
 
     run_cli(body)
@@ -68,7 +74,10 @@ def index_info(index_dir: Annotated[str, typer.Argument(help="An index folder.")
         cal = info["calibration"]
         rows = {
             "type": f"{info['type']} ({info['factory']})", "vectors": f"{info['count']:,} x {info['dimension']}",
-            "metric": info["metric"], "model": f"{info['model']['spec']} (fingerprint {info['model']['fingerprint']})",
+            "metric": info["metric"],
+            "precision": f"{info.get('precision', 'float32')}, {info.get('bytes_per_vector', '?')} bytes per vector"
+                         + (f", rescoring {info['rescore_multiplier']} x k" if info.get("rescore_multiplier") else ""),
+            "model": f"{info['model']['spec']} (fingerprint {info['model']['fingerprint']})",
             "search": ", ".join(f"{k}={v}" for k, v in info["search"].items()) or "exact",
             "recall@10": f"{cal['recall_at_10']:.3f} on {cal['probes']} corpus probes",
             "texts": "yes" if info["texts"] else f"no ({info.get('texts_note')})",
@@ -87,6 +96,9 @@ def search(
     ef_search: Annotated[int, typer.Option(help="HNSW search depth (default: calibrated).")] = None,
     nprobe: Annotated[int, typer.Option(help="IVF lists to visit (default: calibrated).")] = None,
     k_factor: Annotated[int, typer.Option(help="IVF-PQ exact re-ranking depth (default: calibrated).")] = None,
+    rescore_multiplier: Annotated[int, typer.Option(help="Compact indexes: rescore this many times k candidates "
+                                                    "with the float vectors (default: the index's, 4 for binary; "
+                                                    "0 = off).")] = None,
     model: Annotated[str, typer.Option(help="Query model (default: the one that encoded the corpus).")] = None,
     check_model: Annotated[bool, typer.Option("--check-model/--no-check-model", help="Refuse a --model "
                                               "whose fingerprint differs from the index's.")] = True,
@@ -99,7 +111,8 @@ def search(
         if model is not None:
             embedder = open_embedder(model)
         index = Index.load(index_dir, embedder=embedder, check_model=check_model, verify=verify)
-        results = index.search(queries, k, ef_search=ef_search, nprobe=nprobe, k_factor=k_factor)
+        results = index.search(queries, k, ef_search=ef_search, nprobe=nprobe, k_factor=k_factor,
+                               rescore_multiplier=rescore_multiplier)
         if as_json:
             typer.echo(json.dumps({"index": index_dir, "k": k, "results": [
                 {"query": q, "hits": [h.to_dict() for h in hits]} for q, hits in zip(queries, results, strict=True)

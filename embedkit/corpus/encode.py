@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedkit.corpus.job import JobOptions, describe_job
+from embedkit.corpus.job import CALIBRATION_FILE, JobOptions, calibration_ranges_for, describe_job
 from embedkit.corpus.lock import LOCK_FILE, encode_lock
 from embedkit.corpus.manifest import (
     JOB_FILE,
@@ -41,6 +41,7 @@ from embedkit.io import (
     remove_stale_temps,
     sha256_file,
 )
+from embedkit.quantization import SCALAR_PRECISIONS, check_precision, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -86,21 +87,23 @@ def distributed_rank() -> tuple[int, int]:
 class _ShardWriter:
     """Encodes one shard's records and writes its files atomically, metadata last."""
 
-    def __init__(self, embedder, folder: Path, job: dict, key: str, batch_size: int | None):
+    def __init__(self, embedder, folder: Path, job: dict, key: str, batch_size: int | None,
+                 ranges: np.ndarray | None = None):
         self.embedder = embedder
         self.folder = folder
         self.job = job
         self.key = key
         self.batch_size = batch_size
+        self.ranges = ranges  # int8/uint8 calibration (job.py), shared by every shard
 
     def write(self, number: int, records: list[Record]) -> dict:
         options = self.job["options"]
         keep = [r for r in records if not r.empty]
         vectors = self.embedder.encode([r.text for r in keep], instruction=options["instruction"],
                                        normalize=options["normalize"], batch_size=self.batch_size,
-                                       show_progress_bar=False)
-        vectors = vectors.astype(options["vector_dtype"], copy=False)
-        if options["vector_dtype"] == "float16" and not np.isfinite(vectors).all():
+                                       show_progress_bar=False, dimensions=options.get("dimensions"))
+        vectors = quantize(vectors, self.job["precision"], self.ranges)
+        if vectors.dtype == np.float16 and not np.isfinite(vectors).all():
             raise ValueError(f"Shard {number}: vectors overflow float16 (un-normalised values above 65504); use "
                              "--vector-dtype float32.")
         vec_path, ids_path, meta_path = shard_paths(self.folder, number)
@@ -140,6 +143,7 @@ def _merge(folder: Path, job: dict, key: str) -> dict | None:
         if meta is None or meta.get("job") != key:
             return None
         metas.append(meta)
+    calibration = read_json(folder / CALIBRATION_FILE) if job["precision"] in SCALAR_PRECISIONS else None
     skipped = [i for m in metas for i in m["skipped_ids"]]
     manifest = {
         **{k: v for k, v in job.items() if k != "status"},
@@ -147,6 +151,7 @@ def _merge(folder: Path, job: dict, key: str) -> dict | None:
         "count": sum(m["count"] for m in metas),
         "skipped_empty": len(skipped),
         "skipped_ids_sample": skipped[:20],
+        **({"ranges": calibration["ranges"], "calibration_rows": calibration["rows"]} if calibration else {}),
         "shards": [{k: m[k] for k in ("shard", "rows", "count", "vectors", "ids", "shape", "dtype", "bytes", "sha256")}
                    for m in metas],
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -156,10 +161,20 @@ def _merge(folder: Path, job: dict, key: str) -> dict | None:
 
 
 def check_encode_options(vector_dtype: str = "float32", shard_size: int = DEFAULT_SHARD_SIZE,
-                         batch_size: int | None = None) -> None:
-    """Refuse impossible options with one line (the CLI calls this before the model loads)."""
+                         batch_size: int | None = None, precision: str | None = None,
+                         dimensions: int | None = None) -> None:
+    """Refuse impossible options with one line (the CLI calls this before the model loads; ``dimensions`` is
+    checked against the model's width once it is loaded)."""
     if vector_dtype not in VECTOR_DTYPES:
         raise ValueError(f"vector dtype must be one of {', '.join(VECTOR_DTYPES)}, got {vector_dtype!r}.")
+    if precision is not None:
+        check_precision(precision)
+        if vector_dtype != "float32" and precision != vector_dtype:
+            raise ValueError(f"Give precision={precision!r} or vector_dtype={vector_dtype!r}, not both (--precision "
+                             "is the one name; --vector-dtype its older, float-only one).")
+    if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1):
+        raise ValueError(f"dimensions must be at least 1, got {dimensions!r}: give the Matryoshka width to keep, "
+                         "or none for the model's.")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}.")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
@@ -178,6 +193,8 @@ def encode_corpus(
     instruction: str | None = None,
     normalize: bool | None = None,
     vector_dtype: str = "float32",
+    precision: str | None = None,
+    dimensions: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     batch_size: int | None = None,
     strict: bool = False,
@@ -188,19 +205,21 @@ def encode_corpus(
     """Encode every row of ``inputs`` into ``output`` (see the module docstring for the layout and guarantees).
 
     ``role`` picks the embedder's document (default) or query instruction; ``instruction`` overrides it.
+    ``precision`` stores float16 or quantized codes (``embedkit.quantization``; int8/uint8 calibrated once on a
+    sample of the input); ``dimensions`` keeps the first N components (Matryoshka), renormalised.
     ``rank``/``world_size`` default to torchrun's environment. A folder holding another model's or input's
     vectors is refused; a finished one is verified and left alone. A single process holds the folder's
     encode lock (``corpus/lock.py``) for the whole run; torchrun ranks split the shards instead.
     """
     start = time.perf_counter()
-    check_encode_options(vector_dtype, shard_size, batch_size)
+    check_encode_options(vector_dtype, shard_size, batch_size, precision, dimensions)
     if rank is None or world_size is None:
         rank, world_size = distributed_rank()
     paths = check_inputs(inputs)
     folder = Path(output)
     _refuse_foreign(folder)
     options = JobOptions(model_spec, reader or ReaderOptions(), role, instruction, normalize, vector_dtype,
-                       shard_size, batch_size, strict)
+                       shard_size, batch_size, strict, precision, dimensions)
     created = not folder.exists()
     try:
         with encode_lock(folder) if world_size == 1 else contextlib.nullcontext():
@@ -267,7 +286,9 @@ def _encode(embedder, paths: list[Path], folder: Path, o: JobOptions, rank: int,
         else:
             todo.add(number)
     if todo:
-        _encode_shards(_ShardWriter(embedder, folder, job, key, o.batch_size), paths, o, todo, result, on_shard)
+        ranges = calibration_ranges_for(embedder, paths, folder, o, job, key)
+        writer = _ShardWriter(embedder, folder, job, key, o.batch_size, ranges)
+        _encode_shards(writer, paths, o, todo, result, on_shard)
     manifest = _merge(folder, job, key)
     if manifest is not None:
         result.complete = True

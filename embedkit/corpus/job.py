@@ -13,7 +13,8 @@ import numpy as np
 
 from embedkit.corpus.manifest import FORMAT, FORMAT_VERSION, JOB_FILE
 from embedkit.corpus.readers import ReaderOptions, input_format, read_records
-from embedkit.io import read_json, sha256_file
+from embedkit.io import atomic_write_json, read_json, sha256_file
+from embedkit.quantization import FLOAT_PRECISIONS, SCALAR_PRECISIONS, calibration_ranges, check_dimensions, code_dtype
 
 ROLES = ("document", "query")
 
@@ -106,18 +107,27 @@ class JobOptions:
     shard_size: int
     batch_size: int | None
     strict: bool
+    precision: str | None = None  # None: vector_dtype's (float32 / float16)
+    dimensions: int | None = None  # Matryoshka width; None: the model's
+
+    @property
+    def stored_precision(self) -> str:
+        return self.precision or self.vector_dtype
 
 
 def describe_job(embedder, paths: list[Path], folder: Path, o: JobOptions) -> tuple[dict, dict | None]:
     """(this run's job description, the folder's previous one); a different previous job is refused."""
     previous = read_json(folder / JOB_FILE)
     normalize = embedder.config.normalize if o.normalize is None else bool(o.normalize)
+    precision = o.stored_precision
+    width = check_dimensions(o.dimensions, embedder.dimension)
     job = {
         "format": FORMAT, "version": FORMAT_VERSION,
         "model": {"spec": model_spec_for(o.model_spec, embedder), "fingerprint": embedder.fingerprint(),
                   "config": embedder.config.to_dict()},
-        "dimension": embedder.dimension,
-        "dtype": o.vector_dtype,
+        "dimension": width,
+        "dtype": code_dtype(precision),
+        "precision": precision,
         "normalized": normalize,
         "metric": "ip" if normalize else "l2",
         "pooling": embedder.config.pooling,
@@ -125,9 +135,15 @@ def describe_job(embedder, paths: list[Path], folder: Path, o: JobOptions) -> tu
         "inputs": describe_inputs(paths),
         "reader": o.reader.to_dict(),
         "options": {"role": o.role or "document", "instruction": resolve_instruction(embedder, o.role, o.instruction),
-                    "normalize": normalize, "vector_dtype": o.vector_dtype, "shard_size": o.shard_size},
+                    "normalize": normalize, "vector_dtype": code_dtype(precision), "shard_size": o.shard_size},
         "strict": o.strict,  # not part of the identity: it only decides whether empty rows are errors
     }
+    # Keys only a non-default run has, so the identity (job_key) of folders from before them is unchanged.
+    if precision not in FLOAT_PRECISIONS:
+        job["options"]["precision"] = precision
+    if width != embedder.dimension:
+        job["options"]["dimensions"] = width
+        job["model_dimension"] = embedder.dimension
     if previous is not None:
         problems = differences(previous, job)
         if problems:
@@ -143,3 +159,38 @@ def describe_job(embedder, paths: list[Path], folder: Path, o: JobOptions) -> tu
         job["rows"], job["empty_rows"] = counts["rows"], counts["empty"]
         job["n_shards"] = -(-counts["rows"] // o.shard_size)
     return job, previous
+
+
+CALIBRATION_FILE = "calibration.json"
+CALIBRATION_ROWS = 1000  # int8/uint8 encode: rows encoded once more to calibrate the ranges (spread over the input)
+
+
+def calibration_ranges_for(embedder, paths: list[Path], folder: Path, o: JobOptions, job: dict,
+                           key: str) -> np.ndarray | None:
+    """The int8/uint8 ranges every shard of this job is quantized with (None for other precisions).
+
+    Calibrated once on up to ``CALIBRATION_ROWS`` non-empty rows spread evenly over the input, and kept in
+    ``calibration.json``: a resumed run and every torchrun rank use the first ranges written, never their own."""
+    if job["precision"] not in SCALAR_PRECISIONS:
+        return None
+    path = folder / CALIBRATION_FILE
+    saved = read_json(path)
+    if saved is not None and saved.get("job") == key:
+        return np.asarray(saved["ranges"], dtype=np.float32)
+    wanted = set(np.linspace(0, job["rows"] - 1, min(job["rows"], CALIBRATION_ROWS)).round().astype(int).tolist())
+    texts = [r.text for r in read_records(paths, o.reader) if r.row in wanted and not r.empty]
+    options = job["options"]
+    vectors = embedder.encode(texts, instruction=options["instruction"], normalize=options["normalize"],
+                              batch_size=o.batch_size, dimensions=options.get("dimensions"), show_progress_bar=False)
+    ranges = calibration_ranges(vectors)
+    tmp = folder / f".{CALIBRATION_FILE}.{os.getpid()}"
+    atomic_write_json(tmp, {"job": key, "rows": len(texts), "ranges": ranges.tolist()})
+    try:
+        if saved is not None:
+            path.unlink(missing_ok=True)  # another job's ranges (the job itself was checked already)
+        os.link(tmp, path)  # first writer wins: a rank that lost the race takes the winner's ranges
+    except FileExistsError:
+        return calibration_ranges_for(embedder, paths, folder, o, job, key)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ranges

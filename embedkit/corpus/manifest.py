@@ -3,11 +3,15 @@
 ```
 VECTORS_DIR/
   job.json                 what is being encoded (model fingerprint, inputs' checksums, options); written first
-  shards/shard-00000.npy   float32/float16 (n, d) vectors, memory-mappable
+  calibration.json         int8/uint8 only: the ranges every shard is quantized with (first writer wins)
+  shards/shard-00000.npy   (n, d) float32/float16 vectors or int8/uint8 codes, (n, d/8) binary codes; mmap-able
   shards/shard-00000.ids.json   the n ids, in row order (JSON: never pickle)
   shards/shard-00000.json  shard metadata + checksums; written last, so its presence means the shard is whole
   manifest.json            the finished job: everything in job.json + counts + every shard; written at the end
 ```
+The manifest's ``dimension`` is the stored width (a Matryoshka ``--dimensions`` run also records the model's own
+``model_dimension``), ``precision`` what the shards hold (absent in folders from before it: their ``dtype``),
+``ranges`` the int8/uint8 calibration (``embedkit.quantization``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from embedkit.io import read_json, sha256_file
+from embedkit.quantization import FLOAT_PRECISIONS, dequantize
 
 FORMAT = "embedkit-vectors"
 FORMAT_VERSION = 1
@@ -81,6 +86,25 @@ class VectorSet:
     def metric(self) -> str:
         return self.manifest["metric"]
 
+    @property
+    def precision(self) -> str:
+        return self.manifest.get("precision", self.manifest["dtype"])
+
+    @property
+    def model_dimension(self) -> int:
+        """The encoding model's width (larger than ``dimension`` when the vectors were cut to Matryoshka dims)."""
+        return int(self.manifest.get("model_dimension", self.dimension))
+
+    @property
+    def ranges(self) -> np.ndarray | None:
+        """The int8/uint8 calibration ranges (2, d), or None."""
+        ranges = self.manifest.get("ranges")
+        return None if ranges is None else np.asarray(ranges, dtype=np.float32)
+
+    def to_float(self, codes: np.ndarray) -> np.ndarray:
+        """Stored rows as float32 (quantized codes read back as sentence-transformers rescores them)."""
+        return dequantize(codes, self.precision, self.dimension, self.ranges)
+
     def __len__(self) -> int:
         return self.count
 
@@ -94,11 +118,11 @@ class VectorSet:
         return [i for ids, _ in self.iter_shards() for i in ids]
 
     def load(self, dtype: str = "float32") -> np.ndarray:
-        """All vectors as one in-memory array (count x dimension)."""
+        """All vectors as one in-memory array (count x dimension); quantized codes are read back as floats."""
         out = np.empty((self.count, self.dimension), dtype=dtype)
         start = 0
         for _, vectors in self.iter_shards():
-            out[start:start + len(vectors)] = vectors
+            out[start:start + len(vectors)] = vectors if self.precision in FLOAT_PRECISIONS else self.to_float(vectors)
             start += len(vectors)
         return out
 

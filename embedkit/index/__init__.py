@@ -7,7 +7,7 @@ target recall@10 on probe queries made from the corpus, so an approximate index 
 were measured, not guessed. ``build.py`` writes the folder (layout in ``folder.py``), ``search.py`` reads it.
 """
 
-from embedkit.index import types  # noqa: F401  (registers the built-in index types)
+from embedkit.index import compact, types  # noqa: F401  (register the built-in index types)
 from embedkit.index.build import BuildResult, build_faiss, build_index, factory_string, locality_order
 from embedkit.index.calibrate import calibrate, calibration_probes, recall
 from embedkit.index.options import METRICS, BuildOptions

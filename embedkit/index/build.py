@@ -10,12 +10,12 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from embedkit.corpus.manifest import open_vectors
+from embedkit.corpus.manifest import VectorSet, open_vectors
 from embedkit.index.calibrate import calibrate
 from embedkit.index.folder import (
     INDEX_FORMAT,
@@ -36,9 +36,9 @@ logger = logging.getLogger(__name__)
 _STARTED = time.time()  # a temporary build folder last changed before this (and unlocked) is a dead run's
 
 
-def resolve_type(index_type: str, count: int, dimension: int) -> IndexType:
-    """The registry entry for ``index_type`` (``auto``: chosen by size and memory)."""
-    return get_index_type(choose_type(count, dimension) if index_type == AUTO else index_type)
+def resolve_type(index_type: str, count: int, dimension: int, precision: str = "float32") -> IndexType:
+    """The registry entry for ``index_type`` (``auto``: chosen by size, memory and precision)."""
+    return get_index_type(choose_type(count, dimension, precision=precision) if index_type == AUTO else index_type)
 
 
 def factory_string(index_type: str, count: int, dimension: int, options: BuildOptions) -> tuple[str, int]:
@@ -66,10 +66,13 @@ def locality_order(source, metric: str, seed: int = 0) -> tuple[np.ndarray, dict
     return order, {"clusters": clusters, "seconds": round(time.perf_counter() - began, 2)}
 
 
-def _fill(index, kind: IndexType, source: VectorSource, options: BuildOptions, metric: str):
+def _fill(index, kind: IndexType, source: VectorSource, options: BuildOptions, metric: str, facts: dict):
     """Add every row (labels = row positions); returns (index, locality-order facts or None)."""
     import faiss  # noqa: PLC0415
 
+    if kind.add is not None:
+        kind.add(index, source, facts)
+        return index, None
     if not (kind.locality_order and options.locality_order):
         for chunk in source.chunks():
             index.add(chunk)
@@ -89,37 +92,54 @@ def build_faiss(vectors, options: BuildOptions | None = None, metric: str = "ip"
     import faiss  # noqa: PLC0415
 
     options = options or BuildOptions()
-    source = VectorSource(vectors)
+    renormalize = vectors.manifest["normalized"] if isinstance(vectors, VectorSet) else metric == "ip"
+    source = vectors if isinstance(vectors, VectorSource) else VectorSource(vectors, options.dimensions, renormalize)
     began = time.perf_counter()
-    kind = resolve_type(options.index_type, source.count, source.dimension)
+    kind = resolve_type(options.index_type, source.count, source.dimension, options.precision)
     factory, train_rows = kind.factory(source.count, source.dimension, options)
-    index = faiss.index_factory(source.dimension, factory, faiss_metric(metric))
+    if kind.create is not None:
+        index = kind.create(source.dimension, factory, metric)
+    else:
+        index = faiss.index_factory(source.dimension, factory, faiss_metric(metric))
     if kind.prepare is not None:
         kind.prepare(index, options)
-    train_seconds = 0.0
-    if not index.is_trained:
+    train_seconds, facts = 0.0, {}
+    if kind.train is not None:
+        t0 = time.perf_counter()
+        facts = kind.train(index, source, options)
+        train_seconds = time.perf_counter() - t0
+    elif not index.is_trained:
         rng = np.random.default_rng(options.seed)
         sample = np.sort(rng.choice(source.count, size=train_rows, replace=False))
         t0 = time.perf_counter()
         index.train(source.take(sample))
         train_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    index, order_info = _fill(index, kind, source, options, metric)
+    index, order_info = _fill(index, kind, source, options, metric, facts)
     add_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     calibration = calibrate(index, kind, source, metric, options.target_recall, options.seed)
     info = {
         "type": kind.name, "factory": factory, "metric": metric, "count": int(index.ntotal),
-        "dimension": source.dimension, "train_rows": train_rows,
+        "dimension": source.dimension, "train_rows": train_rows, "precision": options.precision,
+        "rescore_multiplier": kind.rescore_multiplier, **facts,
         "search": calibration["settings"],
         "calibration": calibration,
         "locality_order": order_info,
         "seconds": {"train": round(train_seconds, 2), "add": round(add_seconds, 2),
                     "calibrate": round(time.perf_counter() - t0, 2),
                     "total": round(time.perf_counter() - began, 2)},
-        "options": asdict(options),
+        "options": options.to_dict(),
     }
     return index, info
+
+
+def _warn_untrained_width(manifest: dict, width: int) -> None:
+    """The index build's twin of ``Embedder.encode``'s warning: a width the model's Matryoshka loss never saw."""
+    trained = manifest["model"]["config"].get("matryoshka_dims")
+    if trained and width not in trained:
+        logger.warning("dimensions=%d is not one of the Matryoshka dims this model was trained with %s: its "
+                       "truncated vectors may be much worse.", width, trained)
 
 
 @dataclass
@@ -211,7 +231,7 @@ def build_index(
     manifest = vset.manifest
     metric = options.metric or manifest["metric"]
     output = Path(output)
-    wanted = {"job": manifest["job"], "finished": manifest["finished"], "options": asdict(options), "metric": metric,
+    wanted = {"job": manifest["job"], "finished": manifest["finished"], "options": options.to_dict(), "metric": metric,
               "texts": texts}
     current = _current(output, wanted)
     if current is not None:
@@ -241,8 +261,9 @@ def _write_folder(tmp: Path, vset, options: BuildOptions, metric: str, texts: bo
 
     manifest = vset.manifest
     index, info = build_faiss(vset, options, metric)
+    kind = get_index_type(info["type"])
     with atomic_path(tmp / "index.faiss") as path:
-        faiss.write_index(index, str(path))
+        (kind.write or faiss.write_index)(index, str(path))
     del index
     ids = vset.ids()
     write_ids(tmp, ids)
@@ -254,5 +275,9 @@ def _write_folder(tmp: Path, vset, options: BuildOptions, metric: str, texts: bo
         "format": INDEX_FORMAT, "version": INDEX_VERSION, "texts": note is None, "texts_note": note,
         "model": {"spec": manifest["model"]["spec"], "fingerprint": manifest["model"]["fingerprint"]},
         "normalized": manifest["normalized"],
+        "source_dimension": vset.dimension, "model_dimension": vset.model_dimension,
+        "bytes_per_vector": round((tmp / "index.faiss").stat().st_size / max(1, info["count"]), 2),
     })
+    if info["dimension"] != vset.model_dimension:
+        _warn_untrained_width(manifest, info["dimension"])
     return info, note

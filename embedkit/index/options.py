@@ -6,11 +6,13 @@ field names and defaults are part of the folder format.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from embedkit.index.registry import AUTO, INDEX_TYPES, IntParam, type_names
+from embedkit.quantization import check_precision
 
 METRICS = ("ip", "l2")
+NEWER_DEFAULTS = {"precision": "float32", "dimensions": None}  # fields added after index.json's first version
 
 
 @dataclass
@@ -29,6 +31,17 @@ class BuildOptions:
     train_size: int | None = None  # IVF training sample; default 64 per list, at least 39 per list
     target_recall: float = 0.95  # calibration target for recall@10 (approximate types)
     seed: int = 0
+    precision: str = "float32"  # what the index stores: float32, or a compact code (embedkit.quantization)
+    dimensions: int | None = None  # Matryoshka: index the first N components (renormalised); None: all
+
+    def to_dict(self) -> dict:
+        """The options as saved in index.json; the newer fields only when not at their defaults, so folders built
+        before them stay up to date."""
+        out = asdict(self)
+        for name, default in NEWER_DEFAULTS.items():
+            if out[name] == default:
+                del out[name]
+        return out
 
     def __post_init__(self) -> None:
         names = type_names()
@@ -41,7 +54,17 @@ class BuildOptions:
             raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}.")
         if not isinstance(self.locality_order, bool):
             raise ValueError(f"locality_order must be true or false, got {self.locality_order!r}.")
+        check_precision(self.precision)
+        if self.dimensions is not None and (not isinstance(self.dimensions, int) or isinstance(self.dimensions, bool)
+                                            or self.dimensions < 1):
+            raise ValueError(f"dimensions must be at least 1, got {self.dimensions!r}: give the Matryoshka width to "
+                             "index, or none for the vectors' own.")
         kinds = INDEX_TYPES.values() if self.index_type == AUTO else [INDEX_TYPES[self.index_type]]
+        if self.index_type != AUTO and self.precision not in INDEX_TYPES[self.index_type].precisions:
+            fitting = [name for name, kind in INDEX_TYPES.items() if self.precision in kind.precisions]
+            raise ValueError(f"Index type {self.index_type} stores {', '.join(INDEX_TYPES[self.index_type].precisions)}"
+                             f" vectors, not {self.precision}: use --type auto or one of: "
+                             f"{', '.join(fitting) or '(none registered)'}.")
         for param in (IntParam("seed", 0), *(p for kind in kinds for p in kind.params)):
             if not hasattr(self, param.name):
                 raise ValueError(f"An index type reads option {param.name!r}, which BuildOptions does not have.")

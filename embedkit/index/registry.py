@@ -79,6 +79,12 @@ class IndexType:
     string cannot; ``locality_order``: rows are added grouped by cluster when ``options.locality_order``;
     ``mmap``: the FAISS I/O flag name to memory-map its file (``IO_FLAG_MMAP`` / ``IO_FLAG_MMAP_IFC``), or None
     to always read it into RAM.
+
+    Compact types: ``precisions`` are the ``--precision`` values whose codes it stores (``embedkit.quantization``);
+    ``rescore_multiplier`` the default of ``Index.search``'s float rescoring depth (0 = off); ``create(dimension,
+    factory, metric)`` / ``read(path, flags)`` / ``write(index, path)`` replace FAISS's float index I/O (binary
+    indexes); ``train(index, source, options) -> facts`` replaces training on a random sample (its facts, e.g. the
+    int8 ranges, go into index.json); ``add(index, source, facts)`` replaces adding float rows a chunk at a time.
     """
 
     name: str
@@ -90,6 +96,13 @@ class IndexType:
     locality_order: bool = False
     mmap: str | None = "IO_FLAG_MMAP_IFC"
     description: str = field(default="", compare=False)
+    precisions: tuple[str, ...] = ("float32",)
+    rescore_multiplier: int = 0
+    create: Callable[[int, str, str], Any] | None = None
+    read: Callable[[str, int], Any] | None = None
+    write: Callable[[Any, str], None] | None = None
+    train: Callable[[Any, Any, Any], dict] | None = None
+    add: Callable[[Any, Any, dict], None] | None = None
 
     def knob_names(self) -> list[str]:
         return [knob.name for knob in self.knobs]

@@ -13,6 +13,7 @@ import numpy as np
 from embedkit.embedder import open_model
 from embedkit.index.folder import INDEX_FORMAT, INDEX_VERSION, StoredIds, index_problem, open_texts
 from embedkit.index.registry import IndexType, all_knobs, get_index_type
+from embedkit.index.rescore import RescoreVectors, check_multiplier, rescore
 from embedkit.io import read_json
 from embedkit.method_registry import apply_methods
 
@@ -80,7 +81,7 @@ def _read_faiss(path: Path, kind: IndexType, mmap: bool | None):
     if mmap is None:
         mmap = path.stat().st_size >= MMAP_MIN_BYTES
     flags = getattr(faiss, kind.mmap) | faiss.IO_FLAG_READ_ONLY if mmap and kind.mmap else 0
-    return faiss.read_index(str(path), flags)
+    return (kind.read or faiss.read_index)(str(path), flags)
 
 
 class Index:
@@ -95,6 +96,7 @@ class Index:
         self._ids = ids
         self._texts = texts
         self._embedder = None
+        self._rescore_vectors: RescoreVectors | None = None
         self.check_model = check_model
         if embedder is not None:
             self._check_embedder(embedder)
@@ -119,6 +121,16 @@ class Index:
     @property
     def dimension(self) -> int:
         return int(self.info["dimension"])
+
+    @property
+    def model_dimension(self) -> int:
+        """The query model's width (above ``dimension`` when the index holds Matryoshka-cut vectors)."""
+        return int(self.info.get("model_dimension", self.manifest.get("model_dimension", self.dimension)))
+
+    @property
+    def precision(self) -> str:
+        """What the index stores (``float32`` for folders from before precisions)."""
+        return self.info.get("precision", "float32")
 
     @property
     def metric(self) -> str:
@@ -151,10 +163,11 @@ class Index:
 
     # -- the query model ------------------------------------------------------------------------------------
     def _check_embedder(self, embedder) -> None:
-        if embedder.dimension != self.dimension:
+        if embedder.dimension != self.model_dimension:
             raise ValueError(f"The query model gives {embedder.dimension}-d vectors but the index {self.folder} "
-                             f"holds {self.dimension}-d vectors from {self.manifest['model']['spec']}: use that "
-                             "model for queries.")
+                             f"holds {self.model_dimension}-d vectors from {self.manifest['model']['spec']}"
+                             + (f" (cut to {self.dimension})" if self.dimension != self.model_dimension else "")
+                             + ": use that model for queries.")
         expected = self.manifest["model"]["fingerprint"]
         if self.check_model and embedder.fingerprint() != expected:
             raise ValueError(f"The query model's fingerprint {embedder.fingerprint()} is not the one the index was "
@@ -176,29 +189,34 @@ class Index:
         embedder = self.embedder
         instruction = embedder.config.query_instruction if instruction is None else instruction
         return embedder.encode(list(texts), instruction=instruction or None,
-                               normalize=bool(self.manifest["normalized"]))
+                               normalize=bool(self.manifest["normalized"]),
+                               dimensions=self.dimension if self.dimension < embedder.dimension else None)
 
     # -- search ----------------------------------------------------------------------------------------------
     def search(self, queries: str | Sequence[str] | np.ndarray, k: int = 10, *, ef_search: int | None = None,
                nprobe: int | None = None, k_factor: int | None = None, instruction: str | None = None,
-               **knobs: int | None) -> list[list[Hit]]:
-        """Top-``k`` hits per query (texts are encoded as queries; vectors are used as given). ``k`` beyond
-        the corpus returns what exists. ``ef_search`` / ``nprobe`` / ``k_factor`` (and a plug-in type's own
-        search settings, by keyword) override the calibrated settings."""
+               rescore_multiplier: int | None = None, **knobs: int | None) -> list[list[Hit]]:
+        """Top-``k`` hits per query (texts are encoded as queries at the index's width; vectors are used as given,
+        or cut to the index's Matryoshka width when they have the model's). ``k`` beyond the corpus returns what
+        exists. ``ef_search`` / ``nprobe`` / ``k_factor`` (and a plug-in type's own search settings, by keyword)
+        override the calibrated settings; ``rescore_multiplier`` the index's rescoring depth (0 = off)."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}.")
         overrides = _check_overrides({"ef_search": ef_search, "nprobe": nprobe, "k_factor": k_factor, **knobs})
+        check_multiplier(rescore_multiplier)
         if isinstance(queries, str):
             queries = [queries]
         if isinstance(queries, np.ndarray):
             vectors = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+            if vectors.shape[1] == self.model_dimension != self.dimension:  # the model's width: cut (Matryoshka)
+                vectors = vectors[:, :self.dimension]
             if vectors.shape[1] != self.dimension:
                 raise ValueError(f"Query vectors have dimension {vectors.shape[1]}, the index {self.dimension}.")
             if self.manifest.get("normalized"):
                 vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
         else:
             vectors = self.encode_queries(queries, instruction)
-        scores, labels = self.search_vectors(vectors, k, **overrides)
+        scores, labels = self.search_vectors(vectors, k, rescore_multiplier=rescore_multiplier, **overrides)
         results = []
         for row_scores, row_labels in zip(scores, labels, strict=True):
             hits = [Hit(self.id_at(int(p)), float(s), self.text_at(int(p)), int(p))
@@ -206,11 +224,29 @@ class Index:
             results.append(hits)
         return results
 
-    def search_vectors(self, vectors: np.ndarray, k: int, **overrides: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """Raw FAISS search: (scores, positions) arrays, -1 where fewer than k rows were found. ``overrides``:
-        search settings by keyword (``ef_search``, ``nprobe``, ``k_factor``); those the type lacks are ignored."""
+    def search_vectors(self, vectors: np.ndarray, k: int, rescore_multiplier: int | None = None,
+                       **overrides: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Raw search: (scores, positions) arrays, -1 where fewer than k rows were found. ``overrides``: search
+        settings by keyword (``ef_search``, ``nprobe``, ``k_factor``); those the type lacks are ignored.
+        ``rescore_multiplier`` (default: the index's; 0 = off): find that many times ``k`` candidates, return
+        the ``k`` best by float query x stored vectors (``rescore.py``)."""
         overrides = _check_overrides(overrides)
+        multiplier = check_multiplier(rescore_multiplier)
+        multiplier = int(self.info.get("rescore_multiplier", 0)) if multiplier is None else multiplier
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if multiplier > 0:
+            _, candidates = self._search(vectors, k * multiplier, overrides)
+            return rescore(vectors, candidates, self.rescore_vectors, max(1, min(k, len(self))), self.metric)
+        return self._search(vectors, k, overrides)
+
+    @property
+    def rescore_vectors(self) -> RescoreVectors:
+        """The vectors folder this index was built from, opened (memory-mapped) on the first rescored search."""
+        if self._rescore_vectors is None:
+            self._rescore_vectors = RescoreVectors(self.info)
+        return self._rescore_vectors
+
+    def _search(self, vectors: np.ndarray, k: int, overrides: dict) -> tuple[np.ndarray, np.ndarray]:
         k_eff = max(1, min(k, len(self)))
         settings = dict(self.info.get("search", {}))
         kind = self.kind

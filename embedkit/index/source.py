@@ -9,21 +9,36 @@ import numpy as np
 
 from embedkit.corpus.manifest import VectorSet
 from embedkit.index.options import METRICS
+from embedkit.quantization import BINARY_PRECISIONS, FLOAT_PRECISIONS, check_dimensions, truncate_dimensions
 
 
 class VectorSource:
-    """Rows to index, read in chunks as float32 (an in-memory array, or a memory-mapped vectors folder)."""
+    """Rows to index, read in chunks as float32 (an in-memory array, or a memory-mapped vectors folder; quantized
+    codes read back as floats), optionally cut to their first ``dimensions`` components (Matryoshka), renormalised
+    when ``renormalize``."""
 
-    def __init__(self, vectors):
+    def __init__(self, vectors, dimensions: int | None = None, renormalize: bool = True):
         self.vset = vectors if isinstance(vectors, VectorSet) else None
         if self.vset is None:
             array = np.asarray(vectors)
             if array.ndim != 2 or len(array) == 0:
                 raise ValueError(f"Vectors must be a non-empty 2-D array, got shape {array.shape}.")
             self.array = array
-            self.count, self.dimension = array.shape
+            self.count, self.stored_dimension = array.shape
         else:
-            self.count, self.dimension = self.vset.count, self.vset.dimension
+            self.count, self.stored_dimension = self.vset.count, self.vset.dimension
+            if dimensions not in (None, self.stored_dimension) and self.vset.precision in BINARY_PRECISIONS:
+                raise ValueError(f"--dimensions needs float or int8 vectors; {self.vset.folder} holds binary codes: "
+                                 "encode with --dimensions instead.")
+        self.dimension = check_dimensions(dimensions, self.stored_dimension)
+        self.renormalize = renormalize
+
+    def _float(self, rows: np.ndarray) -> np.ndarray:
+        if self.vset is not None and self.vset.precision not in FLOAT_PRECISIONS:
+            rows = self.vset.to_float(rows)
+        if self.dimension != self.stored_dimension:
+            rows = truncate_dimensions(np.asarray(rows, dtype=np.float32), self.dimension, self.renormalize)
+        return np.ascontiguousarray(rows, dtype=np.float32)
 
     @classmethod
     def of(cls, vectors) -> VectorSource:
@@ -33,22 +48,22 @@ class VectorSource:
     def chunks(self, rows: int = 65536) -> Iterator[np.ndarray]:
         if self.vset is None:
             for start in range(0, self.count, rows):
-                yield np.ascontiguousarray(self.array[start:start + rows], dtype=np.float32)
+                yield self._float(self.array[start:start + rows])
             return
         for _, vectors in self.vset.iter_shards():
             for start in range(0, len(vectors), rows):
-                yield np.ascontiguousarray(vectors[start:start + rows], dtype=np.float32)
+                yield self._float(vectors[start:start + rows])
 
     def take(self, positions: np.ndarray) -> np.ndarray:
         """Rows at sorted ``positions`` as float32."""
         if self.vset is None:
-            return np.ascontiguousarray(self.array[positions], dtype=np.float32)
+            return self._float(self.array[positions])
         out, start = [], 0
         for _, vectors in self.vset.iter_shards():
             end = start + len(vectors)
             inside = positions[(positions >= start) & (positions < end)]
             if len(inside):
-                out.append(np.asarray(vectors[inside - start], dtype=np.float32))
+                out.append(self._float(vectors[inside - start]))
             start = end
         return np.ascontiguousarray(np.concatenate(out))
 

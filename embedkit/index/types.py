@@ -11,9 +11,10 @@ import math
 import os
 from pathlib import Path
 
-from embedkit.index.registry import IndexType, IntParam, Knob, register_index_type
+from embedkit.index.registry import INDEX_TYPES, IndexType, IntParam, Knob, register_index_type
 
 EXACT_MAX_ROWS = 100_000  # auto: exact search up to here (bench/README.md: queries/s measured at this size)
+COMPACT_EXACT_MAX_ROWS = 1_000_000  # auto, compact precisions: exact search over the codes up to here
 HNSW_MAX_ROWS = 5_000_000  # auto: HNSW up to here if the vectors fit in half the RAM; IVF-PQ beyond
 EF_SEARCH_STEPS = (16, 24, 32, 40, 48, 64, 80, 96, 128, 192, 256, 384, 512, 768, 1024)
 NPROBE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
@@ -49,7 +50,7 @@ NPROBE = Knob("nprobe", "nprobe",
 K_FACTOR = Knob("k_factor", "k_factor", lambda index: list(K_FACTOR_STEPS))
 
 
-def _hnsw_params(index, settings: dict):
+def hnsw_params(index, settings: dict):
     import faiss  # noqa: PLC0415
 
     return faiss.SearchParametersHNSW(efSearch=int(settings["efSearch"])) if "efSearch" in settings else None
@@ -73,7 +74,7 @@ def _refined_ivf_params(index, settings: dict):
 
 
 # -- build hooks and factories -------------------------------------------------------------------------------------
-def _set_ef_construction(index, options) -> None:
+def set_ef_construction(index, options) -> None:
     index.hnsw.efConstruction = options.ef_construction
 
 
@@ -127,8 +128,8 @@ register_index_type(IndexType(
 ))
 register_index_type(IndexType(
     name="hnsw", factory=lambda count, dimension, options: (f"HNSW{options.hnsw_m}", 0),
-    params=(HNSW_M, EF_CONSTRUCTION), knobs=(EF_SEARCH,), search_params=_hnsw_params,
-    prepare=_set_ef_construction, locality_order=True,
+    params=(HNSW_M, EF_CONSTRUCTION), knobs=(EF_SEARCH,), search_params=hnsw_params,
+    prepare=set_ef_construction, locality_order=True,
     description="graph (HNSW), rows added in locality order",
 ))
 register_index_type(IndexType(
@@ -155,8 +156,15 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def choose_type(count: int, dimension: int, memory: int | None = None) -> str:
-    """``auto``: exact up to 100k rows; HNSW up to 5M rows if float32 vectors fit in half the RAM; else IVF-PQ."""
+def choose_type(count: int, dimension: int, memory: int | None = None, precision: str = "float32") -> str:
+    """``auto``: exact up to 100k rows; HNSW up to 5M rows if float32 vectors fit in half the RAM; else IVF-PQ.
+    Another precision: the first registered type storing it up to 1M rows (exact over compact codes stays fast
+    that far), the last one beyond (the graph)."""
+    if precision != "float32":
+        fitting = [name for name, kind in INDEX_TYPES.items() if precision in kind.precisions]
+        if not fitting:
+            raise ValueError(f"No registered index type stores {precision} vectors.")
+        return fitting[0] if count <= COMPACT_EXACT_MAX_ROWS else fitting[-1]
     if count <= EXACT_MAX_ROWS:
         return "flat"
     memory = available_memory() if memory is None else memory

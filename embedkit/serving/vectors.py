@@ -6,18 +6,7 @@ import base64
 
 import numpy as np
 
-
-def truncate_dimensions(vectors: np.ndarray, dimensions: int | None, renormalize: bool = True) -> np.ndarray:
-    """The first ``dimensions`` components of each row, renormalised to unit length (as Matryoshka models are
-    used). Per request: one dynamic batch mixes requests that ask for different widths."""
-    if dimensions is None or dimensions == vectors.shape[1]:
-        return vectors
-    if not 1 <= dimensions <= vectors.shape[1]:
-        raise ValueError(f"dimensions must be between 1 and {vectors.shape[1]}, got {dimensions}.")
-    cut = np.ascontiguousarray(vectors[:, :dimensions], dtype=np.float32)
-    if renormalize:
-        cut /= np.linalg.norm(cut, axis=1, keepdims=True).clip(min=1e-12)
-    return cut
+from embedkit.quantization import truncate_dimensions  # noqa: F401  (re-exported: the one Matryoshka cut)
 
 
 def to_base64(vector: np.ndarray) -> str:

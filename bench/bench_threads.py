@@ -49,21 +49,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--neighbours", type=int, default=1, help="busy-loop processes beside the timed runs")
     args = parser.parse_args()
     dtype = resolve_dtype(args.dtype)
     rows = {}
     for neighbour in (False, True):
-        proc = None
-        if neighbour:
-            proc = multiprocessing.Process(target=busy, args=(600,), daemon=True)
+        procs = [multiprocessing.Process(target=busy, args=(600,), daemon=True)
+                 for _ in range(args.neighbours if neighbour else 0)]
+        for proc in procs:
             proc.start()
-            time.sleep(1)
+        time.sleep(1 if procs else 0)
         try:
             for threads in (1, 2):
-                rows[f"{threads} thread{'s' * (threads > 1)}, {'busy neighbour' if neighbour else 'alone'}"] = (
+                label = f"{args.neighbours} busy neighbour(s)" if neighbour else "alone"
+                rows[f"{threads} thread{'s' * (threads > 1)}, {label}"] = (
                     step_time(dtype, threads, args.repeats))
         finally:
-            if proc is not None:
+            for proc in procs:
                 proc.terminate()
                 proc.join()
     report = {"dtype": str(dtype).removeprefix("torch."), "machine": describe_cpu(),

@@ -100,3 +100,18 @@ def test_describe_cpu_names_model_isa_and_threads():
     info = hardware.describe_cpu()
     assert info["isa"] == torch.backends.cpu.get_cpu_capability()
     assert info["torch_threads"] == torch.get_num_threads() and info["cpu"]
+
+
+def test_openmp_spins_briefly_unless_the_user_chose(tmp_path):
+    """A short OpenMP spin (set before torch loads) keeps 2 threads fast beside busy neighbours."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import embedkit, os; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "10000"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "42"}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "42"

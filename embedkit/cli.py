@@ -129,6 +129,10 @@ from embedkit.train.cli import train as _train  # noqa: E402
 
 app.command(name="train")(_train)
 
+from embedkit.train.mine_cli import mine as _mine  # noqa: E402
+
+app.command(name="mine")(_mine)
+
 from embedkit.corpus.cli import register as _register_corpus  # noqa: E402
 
 _register_corpus(app)  # encode, index build/info, search

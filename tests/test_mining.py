@@ -247,3 +247,13 @@ def test_mine_command_real_model_and_bad_input_lines(tmp_path):
     assert bad.exit_code == 2 and "error: --range-min 4 is not below --range-max 2" in bad.output
     past = runner.invoke(app, ["mine", "no-such-model", "--input", str(src), "--output", str(out), "--range-max", "9"])
     assert past.exit_code == 2 and "error: --range-max 9 is past the corpus" in past.output  # before the model loads
+
+
+def test_a_positive_shared_by_pairs_is_one_corpus_text_and_never_a_negative_of_its_anchors(embedder, tmp_path):
+    write_pairs(tmp_path / "pairs.jsonl", [*PAIRS, ("a1", "p0")])
+    mine(embedder, tmp_path)
+    out = tmp_path / "out.jsonl"
+    assert negatives_of(out, "a1", "p1") == ["p2", "p3"]  # p0 (.5) is a1's positive now
+    assert negatives_of(out, "a1", "p0") == ["p2", "p3"]
+    documents = [texts for instruction, texts in embedder.calls if instruction == "D: "]
+    assert documents == [["p0", "p1", "p2", "p6", "a0", "p3", "p4", "p5"]]

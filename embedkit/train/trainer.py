@@ -93,6 +93,10 @@ class Trainer:
         needs_head = any(OBJECTIVES[s.objective].needs_lm_head for s in self.recipe.stages)
         self.model = TrainModel(self.recipe.model, self.recipe.lora, needs_head,
                                 _seed_for(self.recipe.seed, -1, -1, 0))
+        for i, stage in enumerate(self.recipe.stages):  # before any stage trains: no work is lost
+            problem = OBJECTIVES[stage.objective].check_model(stage, self.embedder)
+            if problem:
+                raise RecipeError(f"{self.recipe.source or '<recipe>'}: stages.{i}.{problem}")
 
     @property
     def embedder(self):
@@ -104,7 +108,7 @@ class Trainer:
         ctx = ObjectiveContext(embedder=self.embedder, tokenizer=self.model.tokenizer, index=index,
                                seed=self.recipe.seed, data_dir=self.data_dir, recipe_dir=self.recipe_dir,
                                max_length=cfg.max_length or self.recipe.model.max_length,
-                               causal_lm=self.model.causal_lm)
+                               causal_lm=self.model.causal_lm, run_dir=self.folder.out)
         return OBJECTIVES[cfg.objective](cfg, ctx)
 
     def start_stage(self, index: int) -> tuple[Objective, object]:

@@ -48,6 +48,7 @@ class ObjectiveContext:
     recipe_dir: Path | None
     max_length: int
     causal_lm: nn.Module | None = None  # the model with its LM head, sharing the backbone's weights
+    run_dir: Path | None = None  # the run's output folder (caches that a resume reuses); None: keep in memory
 
 
 class Objective:
@@ -81,6 +82,12 @@ class Objective:
         for path in cls.data_paths(config, data_dir, recipe_dir):
             texts += read_texts(path, config.data.format, config.data.text_field, config.data.limit)
         return texts
+
+    @classmethod
+    def check_model(cls, config: StageConfig, embedder) -> str | None:
+        """A one-line problem of this stage with the loaded model (e.g. a width it lacks), checked for every stage
+        before the first trains; None when fine."""
+        return None
 
     def setup_model(self) -> None:
         """Before the LoRA adapter is added (e.g. add tokens and resize the embeddings)."""

@@ -1,5 +1,6 @@
 """What the contrastive objectives (SimCSE, supervised) share: their config keys, dropout during training,
-tokenization with the embedder's template, GradCache towers, and a trainable pooler. Registers nothing."""
+tokenization with the embedder's template, GradCache towers (with Matryoshka prefixes), and a trainable pooler.
+Registers nothing."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_serializer
 from torch import nn
 
 from embedkit.batching import Tokenized, tokenize
 from embedkit.train.config import Fraction, PositiveFloat, PositiveInt, StageConfig
+from embedkit.train.losses import EmbedFn, tower_loss
+from embedkit.train.matryoshka import MatryoshkaSpec, matryoshka_loss, record_dims, width_problem
 from embedkit.train.objectives.base import Objective
 
 
@@ -23,6 +26,16 @@ class ContrastiveConfig(StageConfig):
     gather_across_processes: bool = True
     attention_dropout: Fraction = 0.0
     hidden_dropout: Fraction = 0.0
+    matryoshka: MatryoshkaSpec | None = Field(
+        None, description="{dims, weights}: the loss summed over truncated, renormalised prefixes (matryoshka.py).")
+
+    @model_serializer(mode="wrap")
+    def _without_unset_matryoshka(self, handler):
+        """Left out while None, so recipes saved before the key existed keep their fingerprint (and resume)."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("matryoshka", 0) is None:
+            del data["matryoshka"]
+        return data
 
 
 @contextlib.contextmanager
@@ -84,6 +97,22 @@ class ContrastiveObjective(Objective):
     def active(self) -> Iterator[None]:
         with dropout_settings(self.ctx.embedder.backbone, self.config.attention_dropout, self.config.hidden_dropout):
             yield
+
+    @classmethod
+    def check_model(cls, config: ContrastiveConfig, embedder) -> str | None:
+        return width_problem(config.matryoshka, embedder.dimension)
+
+    def setup_model(self) -> None:
+        record_dims(self.ctx.embedder, self.config.matryoshka)
+
+    def loss_terms(self, loss_fn, rows: Sequence[int]):
+        """The loss on the towers' embeddings; subclasses add terms (distillation adds its KL)."""
+        return loss_fn
+
+    def towers_loss(self, towers: Sequence[tuple[EmbedFn, int]], loss_fn, rows: Sequence[int]):
+        """``tower_loss`` of ``loss_terms`` summed over the Matryoshka prefixes (if any), with GradCache chunks."""
+        return tower_loss(towers, matryoshka_loss(self.loss_terms(loss_fn, rows), self.config.matryoshka),
+                          self.config.mini_batch_size)
 
     def extra_parameters(self) -> list[nn.Parameter]:
         """A trainable pooler (NV-Embed latent attention) trains with the contrastive objectives."""

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from embedkit.train.config import Fraction, PositiveFloat
-from embedkit.train.losses import Loss, info_nce, tower_loss
+from embedkit.train.losses import Loss, info_nce
 from embedkit.train.objectives.base import register_objective
 from embedkit.train.objectives.contrastive import ContrastiveConfig, ContrastiveObjective
 
@@ -39,8 +39,8 @@ class SimCSE(ContrastiveObjective):
         rows = list(rows)
         embed = self._embed_fn(self.tokenized, rows)
         cfg = self.config
-        value, finish = tower_loss(
+        value, finish = self.towers_loss(
             [(embed, len(rows)), (embed, len(rows))],
             lambda a, b: info_nce(a, b, None, temperature=cfg.temperature, gather=cfg.gather_across_processes),
-            cfg.mini_batch_size)
+            rows)
         return Loss(value, float(len(rows)), 2 * self._count(self.tokenized, rows), finish)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from embedkit.batching import Tokenized
 from embedkit.train.config import NonNegativeInt, PositiveFloat
 from embedkit.train.data import PairRows, read_pairs
-from embedkit.train.losses import Loss, info_nce, tower_loss
+from embedkit.train.losses import Loss, info_nce
 from embedkit.train.negatives import NEGATIVE_SELECTORS
 from embedkit.train.objectives.base import register_objective
 from embedkit.train.objectives.contrastive import ContrastiveConfig, ContrastiveObjective
@@ -87,7 +87,7 @@ class Supervised(ContrastiveObjective):
             if observe is not None and n is not None:
                 observe(rows, a.detach(), p.detach(), n.detach())
             return info_nce(a, p, n, temperature=cfg.temperature, gather=cfg.gather_across_processes)
-        value, finish = tower_loss(towers, loss_fn, cfg.mini_batch_size)
+        value, finish = self.towers_loss(towers, loss_fn, rows)
         return Loss(value, float(len(rows)), tokens, finish)
 
     def report(self) -> dict:

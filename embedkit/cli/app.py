@@ -1,4 +1,4 @@
-"""The ``embedkit`` command: info, embed, train, encode, index, search, eval, demo."""
+"""The ``embedkit`` command: info, embed, demo, eval, train, mine, encode, index, search, serve."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from embedkit.cli.corpus import encode
 from embedkit.cli.demo import demo
 from embedkit.cli.eval import eval_app
 from embedkit.cli.index import index_app, search
+from embedkit.cli.mine import mine
 from embedkit.cli.model import embed, info, serve
 from embedkit.cli.train import train
 
@@ -29,6 +30,7 @@ app.command()(embed)
 app.command()(demo)
 app.add_typer(eval_app, name="eval")
 app.command()(train)
+app.command()(mine)
 app.command()(encode)
 app.add_typer(index_app, name="index")
 app.command()(search)

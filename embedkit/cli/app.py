@@ -1,4 +1,4 @@
-"""The ``embedkit`` command: info, embed, demo, eval, train, mine, encode, index, search, serve."""
+"""The embedkit command: info, embed, demo, eval, train, mine, encode, index, search, serve."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ GGUF-loaded model cannot be saved as is.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import logging
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -259,3 +261,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             return module
     raise ValueError(f"Cannot find the decoder layers of {type(model).__name__} (no ModuleList of "
                      f"{count} layers); this method needs a decoder-only transformers model.")
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """The plain transformers model to save: a peft model is merged into a copy; others as they are."""
+    if isinstance(model, PeftModel):
+        return copy.deepcopy(model).merge_and_unload()
+    return model

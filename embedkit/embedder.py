@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import PeftModel
 from torch import nn
 from tqdm.auto import tqdm
 
 from embedkit import attention as attn
 from embedkit import st_export
-from embedkit.backbone import load_backbone, load_tokenizer, padding_id, resolve_dtype
+from embedkit.backbone import load_backbone, load_tokenizer, merged_copy, padding_id, resolve_dtype
 from embedkit.batching import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BATCH_TOKENS,
@@ -395,10 +394,3 @@ def open_model(
     if overrides:
         embedder.config = EmbedderConfig.from_dict({**embedder.config.to_dict(), **overrides})
     return embedder
-
-
-def merged_copy(model: nn.Module) -> nn.Module:
-    """The plain transformers model to save: a peft model is merged into a copy; others as they are."""
-    if isinstance(model, PeftModel):
-        return copy.deepcopy(model).merge_and_unload()
-    return model

@@ -25,12 +25,15 @@ A candidate enters the pool only if it is not the anchor or its positive and sco
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from embedkit import distributed
+from embedkit.io import StrictConfig
 
 NEGATIVE_SELECTORS: dict[str, Callable] = {}
 
@@ -55,28 +58,16 @@ def negatives_from_data(settings: dict):
     return select
 
 
-@dataclass
-class MinerSettings:
+class MinerSettings(StrictConfig):
+    """Dynamic hard-negative mining (Conan-embedding-v2): when a negative is too easy and what replaces it."""
+
+    label: ClassVar[str] = "mining settings"
     floor: float = 0.4
-    ratio: float = 1.2
+    ratio: float = Field(1.2, ge=1, description="S_t must fall below S0 / ratio")
     ceiling: float = 0.7
-    pool_size: int = 16  # candidates kept per anchor (best scores)
+    pool_size: int = Field(16, ge=1, description="candidates kept per anchor (best scores)")
     false_negative_margin: float = 0.95
     from_batch: bool = True  # add in-batch texts to the pool
-
-    def __post_init__(self) -> None:
-        if self.ratio < 1:
-            raise ValueError(f"ratio must be >= 1 (S_t must fall below S0 / ratio), got {self.ratio}.")
-        if self.pool_size < 1:
-            raise ValueError(f"pool_size must be >= 1, got {self.pool_size}.")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> MinerSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown mining settings {unknown}; valid: {sorted(known)}.")
-        return cls(**data)
 
 
 def too_easy(s0: float, st: float, *, floor: float = 0.4, ratio: float = 1.2, ceiling: float = 0.7) -> bool:
@@ -181,7 +172,7 @@ class DynamicNegatives:
                 "mean_pool": sum(len(a.pool) for a in self.state) / max(1, len(self.state))}
 
     def settings_dict(self) -> dict:
-        return asdict(self.settings)
+        return self.settings.to_dict()
 
 
 class DynamicSelector:

@@ -1,6 +1,7 @@
 """Retrieval quality vs memory of compact indexes (issue 14 item 3): float32 / int8 / binary / binary + rescore.
 
-    python bench/bench_quantization.py msmarco      # MSMARCO-5k encoded by stories260K (real vectors, real qrels)
+    python bench/bench_quantization.py msmarco      # MSMARCO-5k encoded by SmolLM2-135M (real vectors, real qrels)
+    python bench/bench_quantization.py msmarco --model ../shared/models/stories260K   # a tiny model, a smoke run
     python bench/bench_quantization.py synthetic    # 200k x 256 clustered vectors (bench_encode_index.py's set)
     python bench/bench_quantization.py report       # rewrite the markdown from the JSON
 
@@ -29,7 +30,6 @@ from embedkit.io import atomic_write_json, atomic_write_text  # noqa: E402
 RESULTS = REPO / "bench" / "results" / "quantization.json"
 REPORT = REPO / "bench" / "results" / "quantization.md"
 MSMARCO = REPO.parent / "shared" / "data" / "retrieval" / "MSMARCO-5k"
-STORIES = REPO.parent / "shared" / "models" / "stories260K"
 VARIANTS = (("float32", "float32", 0), ("int8", "int8", 0), ("int8 + rescore 4x", "int8", 4),
             ("binary", "binary", 0), ("binary + rescore 4x", "binary", 4), ("binary + rescore 10x", "binary", 10),
             ("binary + rescore 20x", "binary", 20))
@@ -101,17 +101,17 @@ def synthetic(n: int, d: int) -> dict:
     return {"n": n, "d": d, "queries": 1000, "variants": variants}
 
 
-def msmarco(max_length: int) -> dict:
+def msmarco(model: str, max_length: int) -> dict:
     from embedkit.corpus import encode_corpus  # noqa: PLC0415
     from embedkit.embedder import open_model  # noqa: PLC0415
     from embedkit.evaluation.retrieval import read_qrels, score_run  # noqa: PLC0415
 
-    embedder = open_model(str(STORIES), dtype="float32", max_length=max_length)
+    embedder = open_model(model, max_length=max_length)  # causal mean, dtype auto
     qrels = read_qrels(MSMARCO / "qrels" / "test.tsv")
     queries = [json.loads(line) for line in (MSMARCO / "queries.jsonl").read_text().splitlines() if line.strip()]
     with tempfile.TemporaryDirectory(dir=REPO / "bench" / "results") as tmp:
         began = time.perf_counter()
-        encode_corpus(embedder, [MSMARCO / "corpus.jsonl"], Path(tmp) / "vectors", model_spec=str(STORIES))
+        encode_corpus(embedder, [MSMARCO / "corpus.jsonl"], Path(tmp) / "vectors", model_spec=model)
         encode_seconds = round(time.perf_counter() - began, 1)
         vectors = embedder.encode([q["text"] for q in queries], instruction=embedder.config.query_instruction)
 
@@ -121,7 +121,8 @@ def msmarco(max_length: int) -> dict:
             return {"ndcg_at_10": round(score_run(run, qrels, (10,))["ndcg_at_10"], 4)}
 
         variants = run_variants(Path(tmp) / "vectors", Path(tmp), vectors, extra=ndcg)
-    return {"model": "stories260K", "max_length": max_length, "n": 5000, "d": embedder.dimension,
+    return {"model": Path(model).name, "dtype": str(embedder.backbone.dtype).removeprefix("torch."),
+            "max_length": max_length, "n": 5000, "d": embedder.dimension,
             "queries": len(queries), "encode_seconds": encode_seconds, "variants": variants}
 
 
@@ -129,10 +130,10 @@ def write_report(results: dict) -> None:
     from embedkit.hardware import describe_cpu  # noqa: PLC0415
 
     lines = ["# Compact indexes: quality vs memory", "", f"CPU: {results.get('cpu', describe_cpu())['cpu']}", ""]
-    for key, title in (("msmarco", "MSMARCO-5k, stories260K vectors"), ("synthetic", "clustered synthetic set")):
-        if key not in results:
+    for key, r in results.items():
+        if key == "cpu":
             continue
-        r = results[key]
+        title = f"MSMARCO-5k, {r['model']} vectors" if key.startswith("msmarco") else "clustered synthetic set"
         lines += [f"## {title} ({r['n']:,} x {r['d']}, {r['queries']} queries)", "",
                   "| index | type | recall@10 vs exact | nDCG@10 | bytes/vector | memory vs float32 | queries/s |",
                   "|---|---|---|---|---|---|---|"]
@@ -161,11 +162,13 @@ def main() -> None:
     p.add_argument("--n", type=int, default=200_000)
     p.add_argument("--d", type=int, default=256)
     p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--model", default="smollm2-135m", help="msmarco: the encoder (causal mean, dtype auto)")
     args = p.parse_args()
     if args.part == "synthetic":
         save("synthetic", synthetic(args.n, args.d))
     elif args.part == "msmarco":
-        save("msmarco", msmarco(args.max_length))
+        result = msmarco(args.model, args.max_length)
+        save(f"msmarco-{result['model']}", result)
     else:
         write_report(json.loads(RESULTS.read_text()))
 

@@ -56,7 +56,7 @@ def bench_embedkit(model: str, texts: list[str], steps: int, batch: int, max_len
 def bench_sentence_transformers(model: str, texts: list[str], steps: int, batch: int, max_length: int,
                                 folder: Path, lora_dropout: float, dtype: str) -> dict:
     from datasets import Dataset
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     from sentence_transformers import (
         SentenceTransformer,
         SentenceTransformerTrainer,
@@ -73,9 +73,11 @@ def bench_sentence_transformers(model: str, texts: list[str], steps: int, batch:
     st.max_seq_length = max_length
     if st.tokenizer.pad_token is None:
         st.tokenizer.pad_token = st.tokenizer.eos_token
-    st.add_adapter(LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout,
-                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                              "down_proj"]))
+    # peft's own injection, as sentence-transformers' add_adapter does through transformers (whose add_adapter in
+    # transformers 5.24 asks for peft >= 0.22, newer than PyPI's 0.21.2 here)
+    inject_adapter_in_model(LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout,
+                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                       "down_proj"]), st[0].auto_model)
     used = texts[: batch * (steps + 1)]
     dataset = Dataset.from_dict({"anchor": used, "positive": used})
     lengths = [len(ids) for ids in st.tokenizer(used, truncation=True, max_length=max_length)["input_ids"]]

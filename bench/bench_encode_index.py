@@ -52,7 +52,9 @@ def machine() -> dict:
     import faiss  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from embedkit.hardware import describe_cpu  # noqa: PLC0415
+
+    return {**describe_cpu(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "faiss_threads": faiss.omp_get_max_threads(), "load_average_at_start": os.getloadavg()[0],
             "faiss": faiss.__version__}
 

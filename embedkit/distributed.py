@@ -27,6 +27,15 @@ def world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
+def launch_rank() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment, without joining a process group (corpus encode splits
+    shards by rank and needs no collectives); (0, 1) when not launched by torchrun."""
+    rank_, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1 or not 0 <= rank_ < world:
+        raise ValueError(f"Bad distributed environment RANK={rank_} WORLD_SIZE={world}.")
+    return rank_, world
+
+
 def init_from_env() -> tuple[int, int]:
     """Join the process group ``torchrun`` describes (gloo on CPU, nccl on GPU); (rank, world size)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_initialized():

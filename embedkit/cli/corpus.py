@@ -7,9 +7,10 @@ from typing import Annotated
 import typer
 
 from embedkit.cli.common import open_embedder, run_cli
-from embedkit.corpus.encode import check_encode_options, distributed_rank, encode_corpus
+from embedkit.corpus.encode import check_encode_options, encode_corpus
 from embedkit.corpus.manifest import shard_name
 from embedkit.corpus.readers import ReaderOptions, check_inputs
+from embedkit.distributed import launch_rank
 
 
 # typer reads each option's declaration from the signature, so the 20 options make this function long
@@ -50,7 +51,7 @@ def encode(
     def body():
         check_inputs(inputs)  # fail on a missing file or a bad option before loading the model
         check_encode_options(vector_dtype, shard_size, batch_size, precision, dimensions)
-        rank, world = distributed_rank()
+        rank, world = launch_rank()
         prefix = f"[rank {rank}/{world}] " if world > 1 else ""
         embedder = open_embedder(model, attention, pooling, dtype, max_length)
         if compile_layers:

@@ -33,6 +33,7 @@ from embedkit.corpus.manifest import (
     shard_problem,
 )
 from embedkit.corpus.readers import ReaderOptions, Record, check_inputs, read_records
+from embedkit.distributed import launch_rank
 from embedkit.io import (
     atomic_save_npy,
     atomic_write_json,
@@ -74,14 +75,6 @@ class EncodeResult:
                     f"{self.shards_total} shards; {done}")
         return (f"{done} Other processes are still encoding; the last one to finish writes "
                 f"{self.output / MANIFEST_FILE}.")
-
-
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) when not distributed."""
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"Bad distributed environment RANK={rank} WORLD_SIZE={world}.")
-    return rank, world
 
 
 class _ShardWriter:
@@ -214,7 +207,7 @@ def encode_corpus(
     start = time.perf_counter()
     check_encode_options(vector_dtype, shard_size, batch_size, precision, dimensions)
     if rank is None or world_size is None:
-        rank, world_size = distributed_rank()
+        rank, world_size = launch_rank()
     paths = check_inputs(inputs)
     folder = Path(output)
     _refuse_foreign(folder)

@@ -104,7 +104,7 @@ def apply_thread_policy(threads: int | None = None) -> int:
     chosen = threads or available_cpus()
     torch.set_num_threads(chosen)
     logger.info("torch threads: %d (%s)", chosen, "as asked" if threads else
-                f"CPUs this process may use: {available_cpus()} of {os.cpu_count()}")
+                f"the CPUs this process may use, of {os.cpu_count()}")
     return chosen
 
 

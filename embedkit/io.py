@@ -93,6 +93,11 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     return Path(path)
 
 
+def json_digest(data: Any) -> str:
+    """A short (16 hex) sha256 of ``data`` as sorted-key JSON: the identity of a job, recipe or run."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """Hex SHA-256 of a file's bytes, read in chunks (flat memory)."""
     digest = hashlib.sha256()

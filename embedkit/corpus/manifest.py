@@ -16,7 +16,6 @@ The manifest's ``dimension`` is the stored width (a Matryoshka ``--dimensions`` 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedkit.io import read_json, sha256_file
+from embedkit.io import json_digest, read_json, sha256_file
 from embedkit.quantization import FLOAT_PRECISIONS, dequantize
 
 FORMAT = "embedkit-vectors"
@@ -51,7 +50,7 @@ def job_key(job: dict) -> str:
     identity = {k: job[k] for k in ("model", "inputs", "reader", "options")}
     identity["inputs"] = [{"sha256": i["sha256"], "size": i["size"]} for i in job["inputs"]]
     identity["model"] = {"fingerprint": job["model"]["fingerprint"]}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(identity)
 
 
 def shard_problem(folder: Path, meta: dict, check_sums: bool = True) -> str | None:

@@ -28,6 +28,7 @@ from mteb.models.model_meta import ModelMeta
 from mteb.types import PromptType
 
 from embedkit.embedder import CONFIG_FILE, open_model
+from embedkit.io import json_digest
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,7 @@ class InstructionTable:
         return False, None
 
     def digest(self) -> str:
-        blob = json.dumps({"tasks": self.tasks, "types": self.types, "template": self.template}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return json_digest({"tasks": self.tasks, "types": self.types, "template": self.template})
 
 
 def load_instructions(value: InstructionTable | str | os.PathLike | None) -> InstructionTable | None:

@@ -29,7 +29,6 @@ inputs and options give the same file however often the run was interrupted.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -47,7 +46,15 @@ from embedkit.corpus.job import describe_inputs
 from embedkit.corpus.manifest import open_vectors
 from embedkit.corpus.readers import ReaderOptions, check_inputs, input_format, read_records
 from embedkit.index import BuildOptions, Index, VectorSource, build_index
-from embedkit.io import StrictConfig, atomic_path, atomic_write_json, atomic_write_text, iter_text_lines, read_json
+from embedkit.io import (
+    StrictConfig,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    iter_text_lines,
+    json_digest,
+    read_json,
+)
 
 DEFAULT_RANGE_MAX = 100  # candidates looked at per anchor when --range-max is not given (fewer in a smaller corpus)
 WORK_SUFFIX = ".mining"
@@ -299,7 +306,7 @@ class _ChunkMiner:
 
 def _progress_key(job: dict, options: MiningOptions, query_instruction: str | None) -> str:
     identity = {"job": job, "selection": options.selection(), "query_instruction": query_instruction}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(identity)
 
 
 def mine_chunks(miner: _ChunkMiner, work: Path, key: str, result: MiningResult,

@@ -9,8 +9,6 @@ validation, so they are checked the same way. Each stage's keys are validated by
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,6 +16,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, model_validator
 
+from embedkit.io import json_digest
 from embedkit.train.config import (
     DATA_FORMS,
     CheckpointSpec,
@@ -35,6 +34,9 @@ from embedkit.train.config import (
 from embedkit.train.negatives import NEGATIVE_SELECTORS
 from embedkit.train.objectives import OBJECTIVES
 from embedkit.train.schedules import ATTENTION_SCHEDULES
+
+# recipe keys that do not change the weights: outside the fingerprint, so a resume may change them
+NOT_FINGERPRINTED = ("logging", "checkpoint", "evaluate", "output_dir", "name", "threads")
 
 
 class RecipeError(ValueError):
@@ -70,14 +72,13 @@ class Recipe(Strict):
     def fingerprint(self) -> str:
         """Hash of everything that changes the trained weights (not logging, checkpointing or evaluation). Stage
         keys added later (``config.added_later``) count only when set, so older runs keep their fingerprint."""
-        data = self.model_dump(mode="json", exclude={"logging", "checkpoint", "evaluate", "output_dir", "name",
-                                                             "threads"})
+        data = self.model_dump(mode="json", exclude=set(NOT_FINGERPRINTED))
         for stage, dumped in zip(self.stages, data["stages"], strict=True):
             for key, info in type(stage).model_fields.items():
                 extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
                 if extra.get("fingerprint_omits_default") and getattr(stage, key) == info.default:
                     dumped.pop(key, None)
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return json_digest(data)
 
 
 # -- loading -------------------------------------------------------------------------------------------------

@@ -26,11 +26,10 @@ from safetensors.torch import load_file, save_file
 
 from embedkit.io import atomic_write_dir, atomic_write_json, atomic_write_text, child_path, remove_stale_temps
 from embedkit.train.checkpoint import ResumeError, latest_checkpoint, read_checkpoint, save_checkpoint
-from embedkit.train.recipe import Recipe
+from embedkit.train.recipe import NOT_FINGERPRINTED, Recipe
 
 logger = logging.getLogger(__name__)
 FINAL = "final"
-NOT_FINGERPRINTED = ("logging", "checkpoint", "evaluate", "output_dir", "name", "threads")
 
 
 class RunFolder:

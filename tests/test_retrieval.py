@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from embedkit import Embedder
-from embedkit.evaluation.retrieval import evaluate_retrieval, ndcg_at_k, read_qrels, recall_at_k, score_run
+from embedkit.evaluation.retrieval import (
+    evaluate_retrieval,
+    ndcg_at_k,
+    read_qrels,
+    recall_at_k,
+    sample_corpus,
+    score_run,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 STORIES = REPO.parent / "shared" / "models" / "stories260K"
@@ -71,6 +78,32 @@ def test_pipeline_finds_documents_identical_to_the_queries(tmp_path):
     assert 0.0 <= scored["ndcg_at_1"] <= 1.0
     with pytest.raises(FileNotFoundError, match="is not a BEIR folder"):
         evaluate_retrieval(embedder, tmp_path / "missing")
+
+
+def test_a_corpus_sample_is_fixed_by_ids_and_restricts_qrels_and_queries(tmp_path):
+    """The demo scores a sample of MSMARCO-5k: the same rows whatever the file order; queries without a relevant
+    document in the sample are dropped, and a second run reuses the encoded sample."""
+    texts = SENTENCES.read_text(encoding="utf-8").splitlines()[:40]
+    task = _beir(tmp_path / "Toy", texts, {f"q{i}": i for i in range(0, 40, 4)})
+    path, kept = sample_corpus(task / "corpus.jsonl", 12, tmp_path / "a.jsonl")
+    lines = (task / "corpus.jsonl").read_text().splitlines()
+    (tmp_path / "reversed.jsonl").write_text("\n".join(reversed(lines)) + "\n")
+    _, kept_reversed = sample_corpus(tmp_path / "reversed.jsonl", 12, tmp_path / "b.jsonl")
+    assert len(kept) == 12 and kept == kept_reversed and len(path.read_text().splitlines()) == 12
+    assert sample_corpus(task / "corpus.jsonl", 40, tmp_path / "c.jsonl") == (task / "corpus.jsonl", {
+        f"d{i}" for i in range(40)}) and not (tmp_path / "c.jsonl").exists()
+
+    embedder = Embedder.from_pretrained(STORIES, dtype="float32", max_length=48)
+    result = evaluate_retrieval(embedder, task, work_dir=tmp_path / "work", max_documents=12)
+    expected_queries = sum(f"d{i}" in kept for i in range(0, 40, 4))
+    assert (result["n_documents"], result["n_queries"]) == (12, expected_queries) and expected_queries > 0
+    assert result["ndcg_at_10"] == pytest.approx(1.0)  # each query is its own document, still in the sample
+    assert Path(result["index_dir"]) == tmp_path / "work" / "sample-12" / "index"
+    stamp = (tmp_path / "work" / "sample-12" / "corpus.jsonl").stat().st_mtime_ns
+    assert evaluate_retrieval(embedder, task, work_dir=tmp_path / "work", max_documents=12)["n_documents"] == 12
+    assert (tmp_path / "work" / "sample-12" / "corpus.jsonl").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="max_documents must be >= 1 \\(got 0\\)"):
+        evaluate_retrieval(embedder, task, max_documents=0)
 
 
 @pytest.mark.slow

@@ -8,6 +8,8 @@ qrels score) and log2 discount, ideal ranking from the qrels; recall counts docu
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 import os
 import tempfile
@@ -18,6 +20,7 @@ from pathlib import Path
 from embedkit.corpus.encode import encode_corpus
 from embedkit.datasets import read_jsonl
 from embedkit.index import BuildOptions, Index, build_index
+from embedkit.io import atomic_write_text
 
 
 def read_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
@@ -70,6 +73,22 @@ def score_run(run: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str,
     return out
 
 
+def sample_corpus(corpus: Path, max_documents: int, out: Path) -> tuple[Path, set[str]]:
+    """A fixed sample of ``max_documents`` rows of a BEIR corpus, picked by a hash of each id (so the same rows on
+    every machine, whatever the file's order), written to ``out`` (a run file, never shipped). Returns the
+    sample's path and ids."""
+
+    rows = list(read_jsonl(corpus))
+    if max_documents >= len(rows):
+        return corpus, {str(row["_id"]) for row in rows}
+    rank = sorted(range(len(rows)), key=lambda i: hashlib.sha256(str(rows[i]["_id"]).encode()).hexdigest())
+    keep = sorted(rank[:max_documents])
+    text = "".join(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in keep)
+    if not out.is_file() or out.read_text(encoding="utf-8") != text:  # a rerun keeps the file its encode knows
+        atomic_write_text(out, text)
+    return out, {str(rows[i]["_id"]) for i in keep}
+
+
 def evaluate_retrieval(
     embedder,
     task_dir: str | os.PathLike,
@@ -79,13 +98,15 @@ def evaluate_retrieval(
     index_type: str = "flat",
     work_dir: str | os.PathLike | None = None,
     batch_size: int | None = None,
+    max_documents: int | None = None,
 ) -> dict:
     """Encode a BEIR folder's corpus, index it, search its queries; returns ``ndcg_at_10``, ``recall_at_100``
     (and the other k values), ``main_score`` (= nDCG@10), counts and timings.
 
     ``work_dir`` keeps the vectors and index (a rerun with the same model reuses them: the encode resumes);
     by default a temporary folder is used and removed. Queries use the embedder's query instruction, the corpus
-    its document instruction.
+    its document instruction. ``max_documents`` scores a fixed sample of the corpus instead (``sample_corpus``;
+    qrels and queries restricted to it): a quicker run whose scores are not comparable with the full task's.
     """
     task_dir = Path(task_dir)
     corpus = task_dir / "corpus.jsonl"
@@ -93,6 +114,8 @@ def evaluate_retrieval(
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: {task_dir} is not a BEIR folder (corpus.jsonl, "
                                     f"queries.jsonl, qrels/{split}.tsv).")
+    if max_documents is not None and max_documents < 1:
+        raise ValueError(f"max_documents must be >= 1 (got {max_documents}); leave it unset for the whole corpus.")
     qrels = read_qrels(task_dir / "qrels" / f"{split}.tsv")
     queries = {str(row["_id"]): row["text"] for row in read_jsonl(task_dir / "queries.jsonl")
                if str(row["_id"]) in qrels}
@@ -104,6 +127,12 @@ def evaluate_retrieval(
         work_dir = temp.name
     work = Path(work_dir)
     try:
+        if max_documents is not None:  # its own sub-folder: an encode folder refuses another input's vectors
+            work = work / f"sample-{max_documents}"
+            work.mkdir(parents=True, exist_ok=True)
+            corpus, kept = sample_corpus(corpus, max_documents, work / "corpus.jsonl")
+            qrels = {q: {d: r for d, r in docs.items() if d in kept} for q, docs in qrels.items()}
+            queries = {q: text for q, text in queries.items() if any(r > 0 for r in qrels[q].values())}
         timings = {}
         began = time.perf_counter()
         encoded = encode_corpus(embedder, [corpus], work / "vectors", role="document", batch_size=batch_size,
@@ -126,5 +155,6 @@ def evaluate_retrieval(
         "task": task_dir.name, "split": split, **scores,
         "main_score": scores.get("ndcg_at_10", next(iter(scores.values()))),
         "n_queries": len(run), "n_documents": encoded.count, "index_type": index_type,
+        "max_documents": max_documents, **({"index_dir": str(work / "index")} if temp is None else {}),
         "seconds": {k: round(v, 2) for k, v in timings.items()},
     }

@@ -8,6 +8,14 @@ import os
 # libgomp reads this once, when torch loads it, so it is set before the first torch import; a user's value wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
+import logging  # noqa: E402
+
+# peft imports bitsandbytes, which on every CPU start says it could not load an optional kernels package for its
+# 4-bit CPU matmul (QLoRA on CPU works without it). The line opened every command's output; the filter drops
+# that one message and keeps the logger's others.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
+
 import embedkit.methods  # noqa: E402,F401  (the built-in methods register themselves before any embedder loads)
 from embedkit.backbone import load_backbone, resolve_spec  # noqa: E402
 from embedkit.embedder import Embedder, EmbedderConfig, open_model  # noqa: E402

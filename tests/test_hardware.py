@@ -115,3 +115,17 @@ def test_openmp_spins_briefly_unless_the_user_chose(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "42"}, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "42"
+
+
+def test_bitsandbytes_optional_kernel_notice_is_not_printed_by_every_command():
+    """peft imports bitsandbytes, whose CPU backend logged 'Failed to load CPU gemm_4bit_forward ...' (an optional
+    package) as the first line of every embedkit command; other bitsandbytes messages still pass."""
+    import logging
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import embedkit, peft"], capture_output=True, text=True, check=True)
+    assert "gemm_4bit_forward" not in out.stderr + out.stdout
+    record = logging.LogRecord("bitsandbytes.backends.cpu.ops", logging.WARNING, "ops.py", 1, "another %s", ("x",),
+                               None)
+    assert logging.getLogger("bitsandbytes.backends.cpu.ops").filter(record)

@@ -185,3 +185,28 @@ def test_bad_transform_input_is_one_line(tmp_path):
             build_index(tmp_path / "bits", tmp_path / "i", BuildOptions(precision="binary", **options))
     built = build_index(tmp_path / "bits", tmp_path / "i", BuildOptions(precision="binary"))
     assert (built.info["binary_threshold"], built.info["binary_rotation"]) == ("zero", None)  # the bits as they are
+
+
+def test_cli_builds_and_shows_the_transform_and_refuses_a_bad_one_in_one_line(tmp_path):
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from embedkit.cli import app  # noqa: PLC0415
+
+    runner = CliRunner()
+    vectors = write_vectors(tmp_path / "v", anisotropic()[0])
+    for args, bits in (([], "(x - mean) @ R > 0 (R: random rotation, seed 0)"),
+                       (["--binary-threshold", "median", "--no-binary-rotation"], "x - median > 0"),
+                       (["--binary-threshold", "zero", "--no-binary-rotation"], "x > 0")):
+        out = tmp_path / f"i{len(args)}{args[1] if args else ''}"
+        result = runner.invoke(app, ["index", "build", str(vectors), "--output", str(out), "--precision", "binary",
+                                     "--no-texts", *args])
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(app, ["index", "info", str(out)])
+        assert result.exit_code == 0 and f"\nbits       {bits}\n" in result.output, result.output
+    result = runner.invoke(app, ["index", "build", str(vectors), "--output", str(tmp_path / "x"), "--precision",
+                                 "binary", "--binary-threshold", "mode"])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and errors == ["error: binary_threshold must be one of zero, mean, median, got "
+                                                "'mode'."], result.output
+    result = runner.invoke(app, ["index", "info", str(OLD_BINARY / "index")])
+    assert result.exit_code == 0 and "\nbits       x > 0\n" in result.output, result.output

@@ -92,8 +92,12 @@ def test_the_default_centres_and_rotates_with_a_rotation_drawn_from_the_seed(qua
     assert (info["binary_threshold"], info["binary_rotation"]["seed"]) == (DEFAULT_BINARY_THRESHOLD, 5) == ("mean", 5)
     assert info["binary_rotation"]["probe"] == rotation[0, :8].tolist()
     assert (info["options"]["binary_threshold"], info["options"]["binary_rotation"]) == (None, None)  # unset
-    stored = faiss.vector_to_array(index.index.xb).reshape(300, 6)
-    np.testing.assert_array_equal(stored, quantize_embeddings((x - x.mean(axis=0)) @ rotation, precision="ubinary"))
+    stored = np.unpackbits(faiss.vector_to_array(index.index.xb).reshape(300, 6), axis=1)[:, :48]
+    rotated = (x - x.mean(axis=0)) @ rotation
+    clear = np.abs(rotated) > 1e-5  # FAISS's matrix product rounds otherwise than numpy's: bits at ~0 may differ
+    assert clear.mean() > 0.99
+    expected = np.unpackbits(quantize_embeddings(rotated, precision="ubinary"), axis=1)[:, :48]
+    np.testing.assert_array_equal(stored[clear], expected[clear])
 
 
 def test_zero_threshold_without_rotation_is_sentence_transformers_own_bits(quantize_embeddings):

@@ -98,13 +98,29 @@ class BinaryIndex:
     def __getattr__(self, name):
         return getattr(self.index, name)
 
+    @property
+    def rotation(self) -> np.ndarray | None:
+        return self._rotation
+
+    @rotation.setter
+    def rotation(self, matrix: np.ndarray | None) -> None:
+        """Kept as a FAISS ``LinearTransform`` too: applied with numpy's BLAS, whose threads contend with FAISS's
+        OpenMP threads between searches, a 43-query batch ran 30x slower (bench/README.md)."""
+        import faiss  # noqa: PLC0415
+
+        self._rotation, self._transform = matrix, None
+        if matrix is not None:
+            self._transform = faiss.LinearTransform(matrix.shape[0], matrix.shape[1], False)
+            faiss.copy_array_to_vector(np.ascontiguousarray(matrix.T, dtype=np.float32).ravel(), self._transform.A)
+            self._transform.is_trained = True
+
     def bits(self, rows: np.ndarray) -> np.ndarray:
         """Packed uint8 bits of float rows: sentence-transformers' ``ubinary`` of the transformed rows."""
         rows = np.asarray(rows, dtype=np.float32)
         if self.thresholds is not None:
             rows = rows - self.thresholds
-        if self.rotation is not None:
-            rows = rows @ self.rotation
+        if self._transform is not None:
+            rows = self._transform.apply(np.ascontiguousarray(rows))
         return quantize(rows, "ubinary")
 
     def train(self, rows: np.ndarray) -> None:

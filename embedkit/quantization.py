@@ -8,6 +8,11 @@ The codes equal ``sentence_transformers.quantization.quantize_embeddings`` on th
 - ``binary`` / ``ubinary``: one bit per dimension (``x > 0``), packed 8 to a byte (``binary`` stores each byte
   minus 128 as int8; ``ubinary`` the byte itself);
 - ``float16`` is a plain cast (sentence-transformers has none); ``float32`` keeps the values.
+
+Binary indexes may transform the rows before taking bits (``embedkit/index/compact.py``): sentence-transformers' bits
+of ``(x - t) @ R``, with ``t`` per-dimension thresholds (``binary_thresholds``: zero, or the corpus mean or median) and
+``R`` a random rotation (``random_rotation``). LLM embeddings put much of their variance in a few outlier dimensions,
+which a sign bit per dimension weighs like any other; a rotation spreads it over all the bits.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 FLOAT_PRECISIONS = ("float32", "float16")
 SCALAR_PRECISIONS = ("int8", "uint8")
 BINARY_PRECISIONS = ("binary", "ubinary")
+BINARY_THRESHOLDS = ("zero", "mean", "median")  # where a binary index's bit flips, per dimension
 CALIBRATION_ROWS = 10_000  # int8/uint8 ranges: the sample they are calibrated on (at most this many rows)
 
 
@@ -72,6 +78,33 @@ def calibration_ranges(sample: np.ndarray) -> np.ndarray:
     if sample.ndim != 2 or len(sample) < 2:
         raise ValueError(f"int8/uint8 ranges need a sample of at least 2 vectors, got shape {sample.shape}.")
     return np.vstack((sample.min(axis=0), sample.max(axis=0)))
+
+
+def check_binary_threshold(name: str) -> str:
+    """``name`` if it is a known binary threshold, else a one-line error listing them."""
+    if name not in BINARY_THRESHOLDS:
+        raise ValueError(f"binary_threshold must be one of {', '.join(BINARY_THRESHOLDS)}, got {name!r}.")
+    return name
+
+
+def binary_thresholds(sample: np.ndarray, name: str) -> np.ndarray:
+    """Per-dimension thresholds of binary codes, from a float sample: zeros (sentence-transformers' ``x > 0``), or
+    the sample's mean or median of each dimension."""
+    sample = np.asarray(sample, dtype=np.float32)
+    if check_binary_threshold(name) == "zero":
+        return np.zeros(sample.shape[1], dtype=np.float32)
+    if sample.ndim != 2 or len(sample) < 2:
+        raise ValueError(f"binary_threshold {name} needs a sample of at least 2 vectors, got shape {sample.shape}.")
+    return (sample.mean(axis=0) if name == "mean" else np.median(sample, axis=0)).astype(np.float32)
+
+
+def random_rotation(dimension: int, seed: int) -> np.ndarray:
+    """A random orthogonal ``dimension`` x ``dimension`` float32 matrix, the same from the same seed on any machine:
+    NumPy's legacy ``RandomState`` stream is frozen, and the QR factor's columns are sign-fixed (``diag(R) > 0``),
+    so no LAPACK convention changes it; only rounding differs."""
+    gauss = np.random.RandomState(seed).standard_normal((dimension, dimension))
+    q, r = np.linalg.qr(gauss)
+    return (q * np.where(np.diag(r) < 0, -1.0, 1.0)).astype(np.float32)
 
 
 def _steps(ranges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -59,7 +59,8 @@ def test_int8_index_holds_sentence_transformers_codes_at_its_recorded_ranges(qua
 @pytest.mark.parametrize("kind", ["binary_flat", "binary_hnsw"])
 def test_binary_index_holds_sentence_transformers_bits(quantize_embeddings, kind):
     x = _unit(300, dim=37)
-    index, info = build_faiss(x, BuildOptions(index_type=kind, precision="binary", hnsw_m=8), "ip")
+    plain = {"binary_threshold": "zero", "binary_rotation": False}  # the default centres and rotates first (compact.py)
+    index, info = build_faiss(x, BuildOptions(index_type=kind, precision="binary", hnsw_m=8, **plain), "ip")
     assert info["rescore_multiplier"] == 4 and info["dimension"] == 37
     flat = index.index if kind == "binary_flat" else faiss.downcast_IndexBinary(index.index.storage)
     stored = faiss.vector_to_array(flat.xb).reshape(300, 5)

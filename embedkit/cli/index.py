@@ -26,6 +26,12 @@ def index_build(
     = "float32",
     dimensions: Annotated[int, typer.Option(help="Matryoshka: index the first N components (renormalised); "
                                             "queries are encoded at that width.")] = None,
+    binary_threshold: Annotated[str, typer.Option(help="Binary: bits of x - t per dimension, t zero "
+                                                  "(sentence-transformers' x > 0), mean or median (calibrated on a "
+                                                  "sample). Default: mean.")] = None,
+    binary_rotation: Annotated[bool, typer.Option("--binary-rotation/--no-binary-rotation", help="Binary: rotate "
+                                                  "(seeded, random) before taking bits. Default: on.",
+                                                  show_default=False)] = None,
     metric: Annotated[str, typer.Option(help="ip or l2 (default: ip for normalised vectors, else l2).")] = None,
     target_recall: Annotated[float, typer.Option(help="Recall@10 the search settings are tuned to reach.")] = 0.95,
     nlist: Annotated[int, typer.Option(help="IVF lists (default ~sqrt(n)).")] = None,
@@ -44,7 +50,8 @@ def index_build(
     def body():
         options = BuildOptions(index_type=index_type, metric=metric, hnsw_m=hnsw_m, ef_construction=ef_construction,
                                locality_order=locality_order, nlist=nlist, pq_m=pq_m, train_size=train_size,
-                               target_recall=target_recall, precision=precision, dimensions=dimensions)
+                               target_recall=target_recall, precision=precision, dimensions=dimensions,
+                               binary_threshold=binary_threshold, binary_rotation=binary_rotation)
         typer.echo(build_index(vectors_dir, output, options, texts=texts, verify=verify).summary())
 
     run_cli(body)
@@ -59,6 +66,16 @@ def index_verify(index_dir: Annotated[str, typer.Argument(help="An index folder.
                    f"{info['count']} vectors).")
 
     run_cli(body)
+
+
+def _binary_transform(info: dict) -> str:
+    """What a binary index's bits are taken of, as index info prints it (folders from before transforms: x > 0)."""
+    threshold = info.get("binary_threshold", "zero")
+    rotation = info.get("binary_rotation")
+    text = "x" if threshold == "zero" else f"x - {threshold}"
+    if rotation:
+        text = f"({text}) @ R" if threshold != "zero" else "x @ R"
+    return f"{text} > 0" + (f" (R: random rotation, seed {rotation['seed']})" if rotation else "")
 
 
 @index_app.command("info")
@@ -77,13 +94,15 @@ def index_info(index_dir: Annotated[str, typer.Argument(help="An index folder.")
             "metric": info["metric"],
             "precision": f"{info.get('precision', 'float32')}, {info.get('bytes_per_vector', '?')} bytes per vector"
                          + (f", rescoring {info['rescore_multiplier']} x k" if info.get("rescore_multiplier") else ""),
+            "bits": _binary_transform(info) if info.get("precision") in ("binary", "ubinary") else None,
             "model": f"{info['model']['spec']} (fingerprint {info['model']['fingerprint']})",
             "search": ", ".join(f"{k}={v}" for k, v in info["search"].items()) or "exact",
             "recall@10": f"{cal['recall_at_10']:.3f} on {cal['probes']} corpus probes",
             "texts": "yes" if info["texts"] else f"no ({info.get('texts_note')})",
         }
         for key, value in rows.items():
-            typer.echo(f"{key:<10} {value}")
+            if value is not None:
+                typer.echo(f"{key:<10} {value}")
 
     run_cli(body)
 

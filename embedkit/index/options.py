@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from embedkit.index.registry import AUTO, INDEX_TYPES, IntParam, type_names
-from embedkit.quantization import check_precision
+from embedkit.quantization import BINARY_PRECISIONS, check_binary_threshold, check_precision
 
 METRICS = ("ip", "l2")
 NEWER_DEFAULTS = {"precision": "float32", "dimensions": None}  # fields added after index.json's first version
@@ -33,14 +33,19 @@ class BuildOptions:
     seed: int = 0
     precision: str = "float32"  # what the index stores: float32, or a compact code (embedkit.quantization)
     dimensions: int | None = None  # Matryoshka: index the first N components (renormalised); None: all
+    binary_threshold: str | None = None  # binary/ubinary: bits of x - t, t zero, mean or median; None: compact.py's
+    binary_rotation: bool | None = None  # binary/ubinary: rotate (seeded) before taking bits; None: compact.py's
 
     def to_dict(self) -> dict:
         """The options as saved in index.json; the newer fields only when not at their defaults, so folders built
-        before them stay up to date."""
+        before them stay up to date. The binary transform is saved for binary precisions unless it is what folders
+        from before it hold (zero threshold, no rotation), even unset: those are rebuilt with the new default."""
         out = asdict(self)
         for name, default in NEWER_DEFAULTS.items():
             if out[name] == default:
                 del out[name]
+        if self.precision not in BINARY_PRECISIONS or (self.binary_threshold, self.binary_rotation) == ("zero", False):
+            del out["binary_threshold"], out["binary_rotation"]
         return out
 
     def __post_init__(self) -> None:
@@ -55,6 +60,14 @@ class BuildOptions:
         if not isinstance(self.locality_order, bool):
             raise ValueError(f"locality_order must be true or false, got {self.locality_order!r}.")
         check_precision(self.precision)
+        if self.binary_threshold is not None:
+            check_binary_threshold(self.binary_threshold)
+        if self.binary_rotation is not None and not isinstance(self.binary_rotation, bool):
+            raise ValueError(f"binary_rotation must be true or false, got {self.binary_rotation!r}.")
+        for name in ("binary_threshold", "binary_rotation"):
+            if getattr(self, name) is not None and self.precision not in BINARY_PRECISIONS:
+                raise ValueError(f"{name} applies to binary and ubinary indexes, not {self.precision}: drop it, or "
+                                 "build with --precision binary.")
         if self.dimensions is not None and (not isinstance(self.dimensions, int) or isinstance(self.dimensions, bool)
                                             or self.dimensions < 1):
             raise ValueError(f"dimensions must be at least 1, got {self.dimensions!r}: give the Matryoshka width to "

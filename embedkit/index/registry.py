@@ -84,7 +84,8 @@ class IndexType:
     ``rescore_multiplier`` the default of ``Index.search``'s float rescoring depth (0 = off); ``create(dimension,
     factory, metric)`` / ``read(path, flags)`` / ``write(index, path)`` replace FAISS's float index I/O (binary
     indexes); ``train(index, source, options) -> facts`` replaces training on a random sample (its facts, e.g. the
-    int8 ranges, go into index.json); ``add(index, source, facts)`` replaces adding float rows a chunk at a time.
+    int8 ranges, go into index.json); ``restore(index, info)`` gives a loaded index what those facts set (the
+    binary thresholds); ``add(index, source, facts)`` replaces adding float rows a chunk at a time.
     """
 
     name: str
@@ -102,6 +103,7 @@ class IndexType:
     read: Callable[[str, int], Any] | None = None
     write: Callable[[Any, str], None] | None = None
     train: Callable[[Any, Any, Any], dict] | None = None
+    restore: Callable[[Any, dict], None] | None = None
     add: Callable[[Any, Any, dict], None] | None = None
 
     def knob_names(self) -> list[str]:

@@ -115,6 +115,8 @@ class Index:
         kind = get_index_type(info["type"])
         manifest = json.loads((folder / "vectors.json").read_text(encoding="utf-8"))
         faiss_index = _read_faiss(folder / "index.faiss", kind, mmap)
+        if kind.restore is not None:
+            kind.restore(faiss_index, info)
         texts = open_texts(folder) if info.get("texts") else None
         return cls(folder, faiss_index, info, manifest, StoredIds(folder), texts, embedder, check_model)
 

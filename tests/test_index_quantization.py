@@ -61,7 +61,7 @@ def test_binary_index_holds_sentence_transformers_bits(quantize_embeddings, kind
     x = _unit(300, dim=37)
     plain = {"binary_threshold": "zero", "binary_rotation": False}  # the default centres and rotates first (compact.py)
     index, info = build_faiss(x, BuildOptions(index_type=kind, precision="binary", hnsw_m=8, **plain), "ip")
-    assert info["rescore_multiplier"] == 4 and info["dimension"] == 37
+    assert info["rescore_multiplier"] == 20 and info["dimension"] == 37
     flat = index.index if kind == "binary_flat" else faiss.downcast_IndexBinary(index.index.storage)
     stored = faiss.vector_to_array(flat.xb).reshape(300, 5)
     np.testing.assert_array_equal(stored, quantize_embeddings(x, precision="ubinary"))
@@ -94,8 +94,8 @@ def test_rescoring_returns_the_float_index_exact_top_k(vectors, tmp_path, embedd
     compact = index.search(queries, 10, rescore_multiplier=0)  # the codes' own ranking: mostly the same
     overlap = np.mean([len({h.id for h in a} & {h.id for h in b}) / 10 for a, b in zip(compact, exact, strict=True)])
     assert 0.3 <= overlap <= 1.0
-    default = index.search(queries, 10)  # binary: rescores 4 x k by default; int8: off
-    expected = index.search(queries, 10, rescore_multiplier=4) if precision == "binary" else compact
+    default = index.search(queries, 10)  # binary: rescores 20 x k by default; int8: off
+    expected = index.search(queries, 10, rescore_multiplier=20) if precision == "binary" else compact
     assert [[h.id for h in hits] for hits in default] == [[h.id for h in hits] for hits in expected]
 
 
@@ -175,7 +175,7 @@ def test_cli_precision_dimensions_and_rescore_multiplier(tmp_path, vectors, text
                                  "--dimensions", "16"])
     assert result.exit_code == 0 and "binary_flat (BFlat, ip) over 100 vectors x 16" in result.output, result.output
     result = runner.invoke(app, ["index", "info", str(idx)])
-    assert result.exit_code == 0 and "binary, 2.33 bytes per vector, rescoring 4 x k" in result.output, result.output
+    assert result.exit_code == 0 and "binary, 2.33 bytes per vector, rescoring 20 x k" in result.output, result.output
     result = runner.invoke(app, ["search", str(idx), texts[5], "-k", "3", "--json", "--rescore-multiplier", "40"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["results"][0]["hits"][0]["id"] == "d5"

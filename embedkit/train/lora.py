@@ -75,9 +75,11 @@ def wrap_lora(model: nn.Module, spec, base_name: str, adapter_name: str = "defau
 
     targets = resolve_targets(model, spec.target_modules)
     model_type = getattr(model.config, "model_type", "")
+    layers = getattr(spec, "layers", "all")
+    indices, pattern = (None, None) if layers == "all" else top_layers(model, layers)
     config = LoraConfig(
         r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets, bias="none",
-        fan_in_fan_out=model_type in FAN_IN_FAN_OUT,
+        fan_in_fan_out=model_type in FAN_IN_FAN_OUT, layers_to_transform=indices, layers_pattern=pattern,
     )
     dtype = getattr(spec, "dtype", "float32")
     peft_model = get_peft_model(model, config, adapter_name=adapter_name,
@@ -85,7 +87,39 @@ def wrap_lora(model: nn.Module, spec, base_name: str, adapter_name: str = "defau
     peft_model.peft_config[adapter_name].base_model_name_or_path = str(base_name)
     if dtype == "mixed":
         compute_in_model_dtype(peft_model)
+    drop_input_grad_hooks(model)
     return peft_model
+
+
+def top_layers(model: nn.Module, count: int) -> tuple[list[int], str]:
+    """Indices of the top ``count`` decoder layers and the name of their ``nn.ModuleList`` (peft's
+    ``layers_to_transform`` / ``layers_pattern``)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    total = getattr(config, "num_hidden_layers", None)
+    arch = type(model).__name__
+    lists = [name for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and total is not None and len(module) == total]
+    if not lists:
+        raise LoraTargetError(f"lora.layers={count}: found no list of decoder layers in {arch} (config "
+                              f"num_hidden_layers={total}); use lora.layers: all.")
+    if count > total:
+        raise LoraTargetError(f"lora.layers=top {count} but {arch} has {total} decoder layers; use 1 to {total}, "
+                              "or all.")
+    name = min(lists, key=lambda n: n.count("."))
+    return list(range(total - count, total)), name.rsplit(".", 1)[-1]
+
+
+def drop_input_grad_hooks(model: nn.Module) -> None:
+    """Remove the hooks that make the input embeddings' output require grad (transformers adds one with gradient
+    checkpointing, peft another when wrapping a checkpointed model): they only serve reentrant checkpointing,
+    which embedkit does not use, and they make autograd record every layer from the bottom, so a top-layers-only
+    adapter's backward would still run through the whole stack."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if get is not None else None
+    hooks = getattr(embeddings, "_forward_hooks", {})
+    for key, hook in list(hooks.items()):
+        if getattr(hook, "__name__", "").startswith("make_inputs_require_grad"):
+            del hooks[key]
 
 
 def compute_in_model_dtype(peft_model: nn.Module) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed.tensor  # noqa: F401  (peft 0.21 + torch 2.13 need it imported before peft)
 from torch import nn
 
-from embedkit.backbone import convert_gguf, load_backbone, load_tokenizer, resolve_dtype, resolve_spec
+from embedkit.backbone import convert_gguf, decoder_layers, load_backbone, load_tokenizer, resolve_dtype, resolve_spec
 
 LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 KNOWN_TARGETS: dict[str, list[str]] = {
@@ -94,18 +94,15 @@ def wrap_lora(model: nn.Module, spec, base_name: str, adapter_name: str = "defau
 def top_layers(model: nn.Module, count: int) -> tuple[list[int], str]:
     """Indices of the top ``count`` decoder layers and the name of their ``nn.ModuleList`` (peft's
     ``layers_to_transform`` / ``layers_pattern``)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    total = getattr(config, "num_hidden_layers", None)
-    arch = type(model).__name__
-    lists = [name for name, module in model.named_modules()
-             if isinstance(module, nn.ModuleList) and total is not None and len(module) == total]
-    if not lists:
-        raise LoraTargetError(f"lora.layers={count}: found no list of decoder layers in {arch} (config "
-                              f"num_hidden_layers={total}); use lora.layers: all.")
+    try:
+        layers = decoder_layers(model)
+    except ValueError as err:
+        raise LoraTargetError(f"lora.layers={count}: {err} Use lora.layers: all.") from None
+    total = len(layers)
     if count > total:
-        raise LoraTargetError(f"lora.layers=top {count} but {arch} has {total} decoder layers; use 1 to {total}, "
-                              "or all.")
-    name = min(lists, key=lambda n: n.count("."))
+        raise LoraTargetError(f"lora.layers=top {count} but {type(model).__name__} has {total} decoder layers; use 1 "
+                              f"to {total}, or all.")
+    name = next(n for n, module in model.named_modules() if module is layers)
     return list(range(total - count, total)), name.rsplit(".", 1)[-1]
 
 

@@ -7,7 +7,8 @@ same model, batch, data and LoRA, in one run; tokens/s and MFU against a bf16 ma
 
 Each ``--embedkit VARIANT`` is one embedkit run: ``;``-separated recipe overrides (``lora.*`` / ``model.*`` as in
 the recipe, any other key is the stage's, e.g. ``batch_size=64``), plus the bench-only levers ``+compile``
-(torch.compile of the decoder layers, forward and backward) and ``+fused_adamw`` (torch's fused CPU AdamW). Each
+(torch.compile of the decoder layers, forward and backward), ``+fused_adamw`` (torch's fused CPU AdamW) and
+``+per_tower`` (the code before towers.sorted_forward: one padded pass per tower, for before/after). Each
 ``--st LAYERS`` is one sentence-transformers run with LoRA on ``all`` layers or the ``top N``.
 
 The objectives mirror the shipped recipes: ``supervised`` is the supervised stage of
@@ -46,7 +47,7 @@ OBJECTIVES = {  # the shipped recipes' settings of each stage
                "lr": 3e-5},
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BENCH_FLAGS = ("+compile", "+fused_adamw")
+BENCH_FLAGS = ("+compile", "+fused_adamw", "+per_tower")
 
 
 def read_rows(objective: str, n: int) -> list[dict]:
@@ -108,6 +109,12 @@ class Levers:
                 return peft_model
             model_module.TrainModel.wrap = compiled_wrap
             self.undo.append(lambda: setattr(model_module.TrainModel, "wrap", wrap))
+        if "+per_tower" in self.flags:  # before towers.sorted_forward: one padded pass per tower
+            import embedkit.train.objectives.contrastive as contrastive_module
+
+            shared = contrastive_module.sorted_forward
+            contrastive_module.sorted_forward = lambda towers: None
+            self.undo.append(lambda: setattr(contrastive_module, "sorted_forward", shared))
         if "+fused_adamw" in self.flags:
             build = trainer_module.build_optimizer
 

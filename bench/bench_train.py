@@ -295,7 +295,7 @@ def main() -> None:
     resolved = resolve_spec(args.model)
     config = AutoConfig.from_pretrained(str(convert_gguf(resolved)) if resolved.gguf_file else resolved.path)
     batch = args.batch or OBJECTIVES[args.objective]["batch"]
-    rows = read_rows(args.objective, batch * (args.steps + args.warmup))
+    rows = read_rows(args.objective, 2 * batch * (args.steps + args.warmup))  # room for a variant with batch_size x2
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.embedkit or [""]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -267,12 +268,47 @@ def measured(run, config, dtype: torch.dtype) -> dict:
     return result
 
 
+def run_systems(args, config, dtype: torch.dtype, rows: list[dict]) -> dict[str, list[dict]]:
+    """Every system once per round, in the order given (the host's speed drifts: rounds show by how much)."""
+    systems = {}
+    for variant in args.embedkit or [""]:
+        systems[f"embedkit {variant or '(recipe settings)'}"] = (bench_embedkit, variant)
+    for layers in args.st or ["all"]:
+        systems[f"sentence-transformers (MNRL, LoRA {layers})"] = (bench_sentence_transformers, layers)
+    runs: dict[str, list[dict]] = {name: [] for name in systems}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            for name, (bench, option) in systems.items():
+                runs[name].append(measured(lambda b=bench, o=option: b(args, rows, Path(tmp), o), config, dtype))
+    return runs
+
+
+def summarise(runs: dict[str, list[dict]]) -> list[dict]:
+    """Per system: the median over rounds of tokens/s and MFU (each round's MFU against its own peak), and the
+    ratio to sentence-transformers with LoRA on all layers."""
+    results = []
+    for name, rounds in runs.items():
+        result = dict(rounds[0], system=name)
+        for key in ("tokens_per_s", "mfu", "peak_gflops", "step_s", "avg_tokens"):
+            result[key] = statistics.median(r[key] for r in rounds)
+        result["rounds_tokens_per_s"] = [round(r["tokens_per_s"], 1) for r in rounds]
+        results.append(result)
+    reference = next((r for r in results if r["system"].endswith("LoRA all)")), None)
+    for r in results:
+        r["over_st_all"] = r["tokens_per_s"] / reference["tokens_per_s"] if reference else None
+        for key in ("tokens_per_s", "avg_tokens", "step_s", "peak_gflops", "gflop_per_token", "mfu", "over_st_all"):
+            if r[key] is not None:
+                r[key] = round(r[key], 4 if key in ("mfu", "gflop_per_token") else 2)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objective", choices=sorted(OBJECTIVES), default="supervised")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=6, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps (more for +compile)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every system, in turn (median reported)")
     parser.add_argument("--batch", type=int, default=None, help="default: the recipe's (supervised 32, simcse 16)")
     parser.add_argument("--max-length", type=int, default=None, help="default: the recipe's (40, 48)")
     parser.add_argument("--threads", type=int, default=None)
@@ -296,21 +332,10 @@ def main() -> None:
     config = AutoConfig.from_pretrained(str(convert_gguf(resolved)) if resolved.gguf_file else resolved.path)
     batch = args.batch or OBJECTIVES[args.objective]["batch"]
     rows = read_rows(args.objective, 2 * batch * (args.steps + args.warmup))  # room for a variant with batch_size x2
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for variant in args.embedkit or [""]:
-            results.append(measured(lambda v=variant: bench_embedkit(args, rows, Path(tmp), v), config, dtype))
-        for layers in args.st or ["all"]:
-            results.append(measured(lambda v=layers: bench_sentence_transformers(args, rows, Path(tmp), v), config,
-                                    dtype))
-    reference = next((r for r in results if r["system"].endswith("LoRA all)")), None)
-    for r in results:
-        r["over_st_all"] = r["tokens_per_s"] / reference["tokens_per_s"] if reference else None
-        for key in ("tokens_per_s", "avg_tokens", "step_s", "peak_gflops", "gflop_per_token", "mfu", "over_st_all"):
-            if r[key] is not None:
-                r[key] = round(r[key], 4 if key in ("mfu", "gflop_per_token") else 2)
+    results = summarise(run_systems(args, config, dtype, rows))
     record = {"objective": args.objective, "model": args.model, "max_length": args.max_length, "dtype": args.dtype,
-              "lora_dtype": args.lora_dtype, "machine": describe_cpu(), "threads": torch.get_num_threads(),
+              "lora_dtype": args.lora_dtype, "steps": args.steps, "rounds": args.rounds,
+              "machine": describe_cpu(), "threads": torch.get_num_threads(),
               "results": results, "time": time.strftime("%Y-%m-%d %H:%M")}
     print(f"{'system':<48} {'tokens/s':>9} {'MFU':>6} {'peak GF/s':>9} {'x ST':>6}")
     for r in results:

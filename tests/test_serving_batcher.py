@@ -11,6 +11,7 @@ import pytest
 
 from embedkit.batching import Tokenized
 from embedkit.serving import DynamicBatcher, QueueFull
+from embedkit.serving.model_call import ModelCall
 
 
 def rows(*values: int) -> Tokenized:
@@ -178,3 +179,23 @@ def test_stop_fails_what_is_still_queued():
     first, queued = run(main)
     assert isinstance(first, asyncio.CancelledError)
     assert str(queued) == "The server is shutting down."
+
+
+class RecordingEmbedder:
+    """Records the ``workers`` of each encode_tokenized call."""
+
+    def __init__(self):
+        self.workers: list[int] = []
+
+    def encode_tokenized(self, tokenized, *, max_batch_tokens, workers, show_progress_bar):
+        self.workers.append(workers)
+        return np.zeros((len(tokenized), 4), dtype=np.float32)
+
+
+def test_a_merged_batch_gets_parallel_workers_only_with_a_token_budget_per_worker():
+    embedder = RecordingEmbedder()
+    call = ModelCall(embedder, max_batch_tokens=100, workers=2)
+    small = Tokenized([[1] * 10] * 19, [0] * 19)  # 190 tokens: one forward on all intra-op threads
+    large = Tokenized([[1] * 10] * 20, [0] * 20)  # 200 tokens: a full budget for each of 2 workers
+    assert call(small).shape == (19, 4) and call(large).shape == (20, 4)
+    assert embedder.workers == [1, 2]

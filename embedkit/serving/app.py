@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -26,6 +25,7 @@ from embedkit.serving.batcher import DynamicBatcher, QueueFull
 from embedkit.serving.config import ServeSettings
 from embedkit.serving.errors import APIError, install_error_handlers
 from embedkit.serving.middleware import RequestContext
+from embedkit.serving.model_call import ModelCall
 from embedkit.serving.schemas import EmbeddingRequest, SearchRequest, usage
 from embedkit.serving.vectors import to_base64, truncate_dimensions
 
@@ -84,8 +84,7 @@ async def _load(app: FastAPI, settings: ServeSettings, load: Loader, on_error) -
             raise ValueError(f"--dimensions {settings.default_dimensions} is more than the model's "
                              f"{embedder.dimension}: give at most {embedder.dimension}.")
         embedder.eval()
-        encode = partial(embedder.encode_tokenized, max_batch_tokens=settings.max_batch_tokens,
-                         workers=settings.workers or embedder.default_workers(), show_progress_bar=False)
+        encode = ModelCall(embedder, settings.max_batch_tokens, settings.workers or embedder.default_workers())
         batcher = DynamicBatcher(encode, max_wait=settings.max_wait_ms / 1000,
                                  max_batch_texts=settings.max_batch_texts, max_queue_texts=settings.max_queue_texts)
         batcher.start()

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import contextlib
 import itertools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -36,6 +39,8 @@ from embedkit.hardware import apply_thread_policy, describe_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUEST_TIMEOUT = 60.0
+CHECK_EVERY = 50  # responses decoded and checked (all are status-checked)
+CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.IGNORECASE)
 READY_TIMEOUT = 600.0
 
 
@@ -49,7 +54,7 @@ def start_server(args, port: int, log) -> subprocess.Popen:
     """The server, its log (one access line per request) to a file: a pipe nobody reads would fill and block it."""
     command = [sys.executable, "-m", "embedkit", "serve", args.model, "--host", "127.0.0.1", "--port", str(port),
                "--model-name", "bench", "--dtype", args.dtype, "--max-length", str(args.max_length),
-               "--max-wait-ms", str(args.max_wait_ms)]
+               *args.serve_options]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("EMBEDKIT_API_KEY", None)
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
@@ -69,28 +74,103 @@ def wait_ready(url: str, server: subprocess.Popen, log_path: Path) -> None:
     raise TimeoutError(f"embedkit serve was not ready after {READY_TIMEOUT:.0f} s")
 
 
-async def load(url: str, texts: list[str], clients: int, warmup: float,
-               seconds: float) -> tuple[list[float], list[int]]:
-    """Latencies (s) and text positions of the requests that finished inside the measured window."""
+class RawClient:
+    """One keep-alive HTTP/1.1 connection to 127.0.0.1 with requests prepared as bytes.
+
+    The load generator shares the machine's cores with the server, so what it spends per request is taken from
+    the model. A general HTTP client (httpx) costs about as much CPU per request as the server's own handling;
+    this one writes a ready-made request and reads the status line, headers and Content-Length body, nothing
+    more. Every response's status is checked; one in ``CHECK_EVERY`` is decoded and its vector's length checked.
+    """
+
+    def __init__(self, port: int):
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+    async def post(self, request: bytes) -> tuple[int, bytes]:
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = CONTENT_LENGTH.search(head)
+        if length is None:
+            raise RuntimeError(f"a response without Content-Length: {head[:200]!r}")
+        return status, await self.reader.readexactly(int(length.group(1)))
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+
+
+def request_bytes(port: int, text: str, encoding_format: str) -> bytes:
+    body = json.dumps({"input": text, "model": "bench", "encoding_format": encoding_format}).encode()
+    return (f"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def check_vector(payload: bytes, encoding_format: str, width: int | None) -> int:
+    """The vector's width; raises if a response does not hold one vector of the expected width."""
+    item = json.loads(payload)["data"]
+    vector = item[0]["embedding"]
+    size = len(base64.b64decode(vector)) // 4 if encoding_format == "base64" else len(vector)
+    if len(item) != 1 or (width is not None and size != width):
+        raise RuntimeError(f"a response with {len(item)} vectors of width {size}, expected 1 of {width}")
+    return size
+
+
+async def load(port: int, texts: list[str], clients: int, warmup: float, seconds: float,
+               encoding_format: str = "float", server_pid: int | None = None) -> dict:
+    """Latencies (s) and text positions of the requests that finished inside the measured window, and the CPU
+    seconds this load generator (and the server, given its pid) used during it."""
     positions = itertools.cycle(range(len(texts)))
+    requests = [request_bytes(port, text, encoding_format) for text in texts]
     latencies: list[float] = []
     sent: list[int] = []
+    width: list[int] = []
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + seconds
+    cpu: dict[str, float] = {}
+    done = itertools.count()
 
-    async def client(http: httpx2.AsyncClient) -> None:
-        while (began := time.perf_counter()) < stop_at:
-            position = next(positions)
-            response = await http.post(url + "/v1/embeddings", json={"input": texts[position], "model": "bench"})
-            response.raise_for_status()
-            if began >= measure_from and (ended := time.perf_counter()) <= stop_at:
-                latencies.append(ended - began)
-                sent.append(position)
+    async def client() -> None:
+        connection = RawClient(port)
+        await connection.connect()
+        try:
+            while (began := time.perf_counter()) < stop_at:
+                position = next(positions)
+                status, payload = await asyncio.wait_for(connection.post(requests[position]), REQUEST_TIMEOUT)
+                if status != 200:
+                    raise RuntimeError(f"HTTP {status}: {payload[:300]!r}")
+                if next(done) % CHECK_EVERY == 0:
+                    width[:] = [check_vector(payload, encoding_format, width[0] if width else None)]
+                if began >= measure_from and (ended := time.perf_counter()) <= stop_at:
+                    latencies.append(ended - began)
+                    sent.append(position)
+        finally:
+            await connection.close()
 
-    limits = httpx2.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx2.AsyncClient(timeout=REQUEST_TIMEOUT, limits=limits) as http:
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-    return latencies, sent
+    async def clock() -> None:  # this process's CPU time over the measured window
+        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+        cpu["start"] = time.process_time()
+        cpu["server_start"] = process_cpu_seconds(server_pid) if server_pid else 0.0
+        await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+        cpu["end"] = time.process_time()
+        cpu["server_end"] = process_cpu_seconds(server_pid) if server_pid else 0.0
+
+    await asyncio.gather(clock(), *(client() for _ in range(clients)))
+    return {"latencies": latencies, "sent": sent, "client_cpu_seconds": cpu["end"] - cpu["start"],
+            "server_cpu_seconds": cpu["server_end"] - cpu["server_start"]}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def offline_rate(args, texts: list[str]) -> float:
@@ -114,9 +194,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--encoding-format", choices=["float", "base64"], default="float")
     parser.add_argument("--texts", default=None, help="one text per line (default: TinyStories sentences)")
     parser.add_argument("--out", default=None, help="also write the JSON report here")
+    parser.add_argument("serve_options", nargs="*", help="more `embedkit serve` options, after --")
     args = parser.parse_args()
     if not (1 <= args.clients <= 256 and 0 < args.seconds <= 600):
         parser.error("--clients must be 1..256 and --seconds 0..600: this is a bounded benchmark.")
@@ -124,12 +205,12 @@ def main() -> None:
     texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:20_000]
 
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as folder, open(Path(folder) / "serve.log", "w") as log:
         server = start_server(args, port, log)
         try:
-            wait_ready(url, server, Path(folder) / "serve.log")
-            latencies, sent = asyncio.run(load(url, texts, args.clients, args.warmup, args.seconds))
+            wait_ready(f"http://127.0.0.1:{port}", server, Path(folder) / "serve.log")
+            run = asyncio.run(load(port, texts, args.clients, args.warmup, args.seconds, args.encoding_format,
+                                   server.pid))
         finally:
             server.terminate()
             try:
@@ -137,16 +218,20 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+    sent = run["sent"]
     served = len(sent) / args.seconds
     offline = offline_rate(args, [texts[p] for p in sent[:5000]] or texts[:1000])
-    ms = np.array(latencies) * 1000
+    ms = np.array(run["latencies"]) * 1000
     report = {
         "model": args.model, "clients": args.clients, "seconds": args.seconds, "max_length": args.max_length,
-        "dtype": args.dtype, "max_wait_ms": args.max_wait_ms, "requests": len(sent),
-        "served_texts_per_s": round(served, 1), "offline_texts_per_s": round(offline, 1),
+        "dtype": args.dtype, "encoding_format": args.encoding_format, "serve_options": args.serve_options,
+        "requests": len(sent), "served_texts_per_s": round(served, 1), "offline_texts_per_s": round(offline, 1),
         "served_share_of_offline": round(served / offline, 3),
         "latency_ms": {"p50": round(float(np.percentile(ms, 50)), 2), "p99": round(float(np.percentile(ms, 99)), 2)}
         if len(ms) else None,
+        # share of one core over the measured window (2.0 = both cores of a 2-core machine)
+        "load_generator_cores": round(run["client_cpu_seconds"] / args.seconds, 3),
+        "server_cores": round(run["server_cpu_seconds"] / args.seconds, 3),
         "machine": describe_cpu(),
     }
     print(json.dumps(report, indent=2))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from embedkit.batching import Tokenized
 from embedkit.serving import DynamicBatcher, QueueFull
+from embedkit.serving.model_call import ModelCall
 
 
 def rows(*values: int) -> Tokenized:
@@ -22,12 +24,14 @@ class FakeModel:
 
     def __init__(self):
         self.calls: list[list[int]] = []
+        self.started: list[float] = []  # time.monotonic() when each call got past ``release``
         self.release = threading.Event()
         self.release.set()
         self.fail = False
 
     def __call__(self, tokenized: Tokenized) -> np.ndarray:
         self.release.wait(10)
+        self.started.append(time.monotonic())
         self.calls.append([ids[0] for ids in tokenized.ids])
         if self.fail:
             raise RuntimeError("model broke")
@@ -52,6 +56,29 @@ def test_concurrent_requests_share_one_model_call_and_get_their_own_rows():
     assert len(model.calls) == 1 and sorted(model.calls[0]) == sorted([*range(10), *range(100, 110)])
     for i, vectors in enumerate(results):
         np.testing.assert_array_equal(vectors, [[i, 20], [100 + i, 20]])
+
+
+def test_requests_queued_while_the_model_runs_go_in_together_without_another_wait():
+    model = FakeModel()
+    model.release.clear()
+
+    async def main():
+        batcher = DynamicBatcher(model, max_wait=1.0)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(rows(1)))
+        await asyncio.sleep(1.1)  # alone at an idle model: after its 1 s window it is in the model (blocked)
+        queued = [asyncio.ensure_future(batcher.submit(rows(i))) for i in (2, 3, 4)]
+        await asyncio.sleep(0.02)
+        released = time.monotonic()
+        model.release.set()
+        results = await asyncio.gather(first, *queued)
+        await batcher.stop()
+        return released, results
+
+    released, results = run(main)
+    assert model.calls == [[1], [2, 3, 4]]
+    assert model.started[1] - released < 0.5  # not the 1 s window again: they waited while the model ran
+    assert [r.tolist() for r in results] == [[[1, 1]], [[2, 3]], [[3, 3]], [[4, 3]]]
 
 
 def test_max_batch_texts_caps_a_merge_but_a_larger_request_runs_alone():
@@ -152,3 +179,23 @@ def test_stop_fails_what_is_still_queued():
     first, queued = run(main)
     assert isinstance(first, asyncio.CancelledError)
     assert str(queued) == "The server is shutting down."
+
+
+class RecordingEmbedder:
+    """Records the ``workers`` of each encode_tokenized call."""
+
+    def __init__(self):
+        self.workers: list[int] = []
+
+    def encode_tokenized(self, tokenized, *, max_batch_tokens, workers, show_progress_bar):
+        self.workers.append(workers)
+        return np.zeros((len(tokenized), 4), dtype=np.float32)
+
+
+def test_a_merged_batch_gets_parallel_workers_only_with_a_token_budget_per_worker():
+    embedder = RecordingEmbedder()
+    call = ModelCall(embedder, max_batch_tokens=100, workers=2)
+    small = Tokenized([[1] * 10] * 19, [0] * 19)  # 190 tokens: one forward on all intra-op threads
+    large = Tokenized([[1] * 10] * 20, [0] * 20)  # 200 tokens: a full budget for each of 2 workers
+    assert call(small).shape == (19, 4) and call(large).shape == (20, 4)
+    assert embedder.workers == [1, 2]

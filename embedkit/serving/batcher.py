@@ -47,7 +47,8 @@ class _Job:
 class DynamicBatcher:
     """Queue requests' rows, run them through ``encode`` in merged batches, hand each request its own rows.
 
-    A request waits at most ``max_wait`` seconds (from its arrival) for others to join it; at most
+    A request that reaches an idle model waits at most ``max_wait`` seconds for others to join it; requests that
+    queued while the model ran go into the next model call together, as soon as it is free. At most
     ``max_batch_texts`` texts are merged (a larger request runs alone); ``submit`` raises ``QueueFull`` rather
     than queue beyond ``max_queue_texts``. A request whose client went away is dropped, never wedges the loop.
     """
@@ -123,7 +124,10 @@ class DynamicBatcher:
                 start = end
 
     async def _next_jobs(self) -> list[_Job]:
-        """Wait for a request, then until the batch is full or the oldest request has waited ``max_wait``."""
+        """What is queued, at once, if requests queued while the model ran: they have had their company. Else
+        wait for a request, then until the batch is full or that request has waited ``max_wait``."""
+        if self._jobs:
+            return self._take()
         while not self._jobs:
             self._arrived.clear()
             await self._arrived.wait()

@@ -1,0 +1,34 @@
+"""How the server runs one merged batch through the model: how many parallel workers the batch is worth.
+
+``Embedder.encode`` spreads its batches over one single-threaded worker per core, which pays on a corpus
+(many full token-budget batches). A server's merged batch is usually small: 32 one-text requests are ~350
+tokens. Cut in two halves for two single-threaded workers, it ran at 115 texts/s against 133 as one forward
+on both intra-op threads, and at 16 texts 76 against 120 (SmolLM2-135M, 2-core EPYC; docs/serving.md). So a
+merged batch gets parallel workers only when it fills a token budget per worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from embedkit.batching import Tokenized
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """``ModelCall(embedder, max_batch_tokens, workers)(tokenized)``: the rows' vectors, in order."""
+
+    embedder: object
+    max_batch_tokens: int
+    workers: int
+
+    def workers_for(self, tokenized: Tokenized) -> int:
+        """``workers`` for a batch with at least a full token budget per worker, else 1 (all intra-op threads)."""
+        tokens = sum(map(len, tokenized.ids))
+        return self.workers if tokens >= self.workers * self.max_batch_tokens else 1
+
+    def __call__(self, tokenized: Tokenized) -> np.ndarray:
+        return self.embedder.encode_tokenized(tokenized, max_batch_tokens=self.max_batch_tokens,
+                                              workers=self.workers_for(tokenized), show_progress_bar=False)

@@ -24,7 +24,7 @@ FLOAT_PRECISIONS = ("float32", "float16")
 SCALAR_PRECISIONS = ("int8", "uint8")
 BINARY_PRECISIONS = ("binary", "ubinary")
 BINARY_THRESHOLDS = ("zero", "mean", "median")  # where a binary index's bit flips, per dimension
-CALIBRATION_ROWS = 10_000  # int8/uint8 ranges: the sample they are calibrated on (at most this many rows)
+CALIBRATION_ROWS = 10_000  # int8/uint8 ranges, binary thresholds: the sample they are calibrated on (at most)
 
 
 def check_precision(precision: str) -> str:

@@ -140,7 +140,7 @@ def run_demo(data: str | os.PathLike | None = None, recipe: str | os.PathLike = 
     query = "what is the capital of france"
     hit = index.search([query], k=1)[0][0]
     echo(f"  search {query!r} -> {hit.id} ({hit.score:.3f})")
-    echo(f"saved embedder: {final}  (embedkit.Embedder.load); serve it with search over the sample: "
+    echo(f"saved embedder: {final}  (embedkit.Embedder.load); serve it with search over that index: "
          f"embedkit serve {final} --index {retrieval['index_dir']}")
     return figures
 

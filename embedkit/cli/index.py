@@ -68,7 +68,7 @@ def index_verify(index_dir: Annotated[str, typer.Argument(help="An index folder.
     run_cli(body)
 
 
-def _binary_transform(info: dict) -> str:
+def _describe_bits(info: dict) -> str:
     """What a binary index's bits are taken of, as index info prints it (folders from before transforms: x > 0)."""
     threshold = info.get("binary_threshold", "zero")
     rotation = info.get("binary_rotation")
@@ -94,7 +94,7 @@ def index_info(index_dir: Annotated[str, typer.Argument(help="An index folder.")
             "metric": info["metric"],
             "precision": f"{info.get('precision', 'float32')}, {info.get('bytes_per_vector', '?')} bytes per vector"
                          + (f", rescoring {info['rescore_multiplier']} x k" if info.get("rescore_multiplier") else ""),
-            "bits": _binary_transform(info) if info.get("precision") in ("binary", "ubinary") else None,
+            "bits": _describe_bits(info) if info.get("precision") in ("binary", "ubinary") else None,
             "model": f"{info['model']['spec']} (fingerprint {info['model']['fingerprint']})",
             "search": ", ".join(f"{k}={v}" for k, v in info["search"].items()) or "exact",
             "recall@10": f"{cal['recall_at_10']:.3f} on {cal['probes']} corpus probes",

@@ -21,6 +21,7 @@ from embedkit.index.registry import IndexType, register_index_type
 from embedkit.index.types import EF_CONSTRUCTION, EF_SEARCH, HNSW_M, TRAIN_SIZE, hnsw_params, set_ef_construction
 from embedkit.quantization import (
     BINARY_PRECISIONS,
+    CALIBRATION_ROWS,
     SCALAR_PRECISIONS,
     binary_thresholds,
     calibration_ranges,
@@ -29,7 +30,6 @@ from embedkit.quantization import (
     random_rotation,
 )
 
-SQ8_CALIBRATION_ROWS = 10_000  # int8 ranges / binary thresholds from float vectors: this many rows (or --train-size)
 BINARY_RESCORE_MULTIPLIER = 20  # the depth where binary + rescore keeps >= 95 % of float recall@10 (bench/README.md)
 DEFAULT_BINARY_THRESHOLD = "mean"  # binary_threshold unset, over float or int8 vectors (bench/README.md)
 DEFAULT_BINARY_ROTATION = True  # binary_rotation unset, over float or int8 vectors (bench/README.md)
@@ -38,7 +38,7 @@ ROTATION_PROBE = 8  # index.json keeps the rotation's first entries: a load that
 
 def _sample(source, options) -> np.ndarray:
     """The calibration sample: up to ``--train-size`` (default 10,000) rows drawn with the build's seed."""
-    rows = min(source.count, options.train_size or SQ8_CALIBRATION_ROWS)
+    rows = min(source.count, options.train_size or CALIBRATION_ROWS)
     return source.take(np.sort(np.random.default_rng(options.seed).choice(source.count, size=rows, replace=False)))
 
 

@@ -4,13 +4,16 @@ Starts ``embedkit serve MODEL`` on a free 127.0.0.1 port (a subprocess), waits u
 runs N concurrent clients that each send one-text requests back to back for S seconds (after a short warm-up),
 and stops the server. It then encodes the texts the clients sent, offline, in this process, with the same
 settings. Reports served texts/s as a share of offline texts/s (dynamic batching is what closes the gap),
-p50/p99 request latency, and the CPU (``describe_cpu``). The load generator is bounded (S seconds, a timeout
-per request) and only ever talks to 127.0.0.1. Clients and server share the machine's cores: on a small
-machine the load generator's own CPU use lowers the served figure.
+p50/p99 request latency, the CPU cores the load generator and the server used over the window, and the CPU
+(``describe_cpu``). The load generator is one asyncio process with a keep-alive connection per client (see
+``RawClient``: cheap per request, since it shares the cores with the server), bounded (S seconds, a timeout per
+request) and only ever talks to 127.0.0.1.
 
     .venv/bin/python bench/bench_serve.py                                   # 32 clients, 60 s, SmolLM2-135M
-    .venv/bin/python bench/bench_serve.py --clients 1                       # the latency floor
+    .venv/bin/python bench/bench_serve.py --encoding-format base64          # OpenAI clients' default format
+    .venv/bin/python bench/bench_serve.py --clients 1 --seconds 20          # the latency floor
     .venv/bin/python bench/bench_serve.py --model ../shared/models/stories260K --seconds 10   # a smoke run
+    .venv/bin/python bench/bench_serve.py -- --max-wait-ms 2                # more `embedkit serve` options
 """
 
 from __future__ import annotations

@@ -385,3 +385,33 @@ def test_a_model_that_fails_to_load_is_reported():
         assert (health.status_code, health.json()) == (503, {"status": "failed", "error": "no such model"})
     finally:
         server.__exit__()
+
+
+class ThreadRecorder:
+    """A forward hook that records the thread each forward runs on."""
+
+    def __init__(self):
+        self.threads: set[int] = set()
+
+    def __call__(self, embedder, input_ids, attention_mask):
+        self.threads.add(threading.get_ident())
+        inputs = attn.model_inputs(embedder.backbone, input_ids, attention_mask, embedder.attention_bias)
+        return embedder.backbone(**inputs, use_cache=False).last_hidden_state
+
+
+def test_the_model_runs_on_the_thread_that_loaded_it(texts):
+    """torch's OpenMP keeps a thread team per thread that ran parallel work: a second team on a small machine
+    made every forward wait for wake-ups (docs/serving.md), so loading and encoding share one thread."""
+    recorder = ThreadRecorder()
+    loaded_on: list[int] = []
+
+    def load():
+        loaded_on.append(threading.get_ident())
+        embedder = open_stories()
+        embedder.forward_hook = recorder
+        return embedder, None
+
+    with ServerThread(create_app(ServeSettings(model_name=NAME), load)) as base:
+        for text in texts[:3]:
+            assert post(base, "/v1/embeddings", {"input": text, "model": NAME}).status_code == 200
+    assert recorder.threads == set(loaded_on) and len(loaded_on) == 1

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -78,20 +79,26 @@ def create_app(settings: ServeSettings, load: Loader, on_load_error: Callable[[B
 
 
 async def _load(app: FastAPI, settings: ServeSettings, load: Loader, on_error) -> None:
+    # The model loads on the thread that will run it: torch's OpenMP runtime (libgomp) keeps a thread team per
+    # thread that ran parallel work, and once a process has more OpenMP threads than cores, idle ones stop
+    # spinning, so each of the hundreds of small kernels of a forward waits for a wake-up. A forward on another
+    # thread than the loading one took 1.6x as long on 2 cores (docs/serving.md).
+    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-model")
     try:
-        embedder, index = await asyncio.to_thread(load)
+        embedder, index = await asyncio.get_running_loop().run_in_executor(model_thread, load)
         if settings.default_dimensions and settings.default_dimensions > embedder.dimension:
             raise ValueError(f"--dimensions {settings.default_dimensions} is more than the model's "
                              f"{embedder.dimension}: give at most {embedder.dimension}.")
         embedder.eval()
         encode = ModelCall(embedder, settings.max_batch_tokens, settings.workers or embedder.default_workers())
-        batcher = DynamicBatcher(encode, max_wait=settings.max_wait_ms / 1000,
-                                 max_batch_texts=settings.max_batch_texts, max_queue_texts=settings.max_queue_texts)
+        batcher = DynamicBatcher(encode, max_wait=settings.max_wait_ms / 1000, max_batch_texts=settings.max_batch_texts,
+                                 max_queue_texts=settings.max_queue_texts, executor=model_thread)
         batcher.start()
         app.state.loaded = Loaded(embedder, index, batcher, threading.Lock())
         logger.info("serving %s (%d-d)%s", settings.model_name, embedder.dimension,
                     f" with an index of {len(index):,} vectors" if index is not None else "")
     except Exception as error:  # noqa: BLE001 - reported on /health and to the caller
+        model_thread.shutdown(wait=False)
         app.state.load_error = str(error)
         if on_error is None:
             logger.error("loading the model failed: %s", error)

@@ -54,7 +54,7 @@ class DynamicBatcher:
     """
 
     def __init__(self, encode: Callable[[Tokenized], np.ndarray], *, max_wait: float = 0.005,
-                 max_batch_texts: int = 256, max_queue_texts: int = 8192):
+                 max_batch_texts: int = 256, max_queue_texts: int = 8192, executor: ThreadPoolExecutor | None = None):
         self._encode = encode
         self.max_wait = max_wait
         self.max_batch_texts = max_batch_texts
@@ -62,7 +62,8 @@ class DynamicBatcher:
         self._jobs: deque[_Job] = deque()
         self._queued_texts = 0
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-model")
+        # the one thread that runs ``encode`` (pass the thread that loaded the model); stopped by ``stop``
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-model")
         self._task: asyncio.Task | None = None
 
     @property

@@ -2,9 +2,10 @@
 
 ``Embedder.encode`` spreads its batches over one single-threaded worker per core, which pays on a corpus
 (many full token-budget batches). A server's merged batch is usually small: 32 one-text requests are ~350
-tokens. Cut in two halves for two single-threaded workers, it ran at 115 texts/s against 133 as one forward
-on both intra-op threads, and at 16 texts 76 against 120 (SmolLM2-135M, 2-core EPYC; docs/serving.md). So a
-merged batch gets parallel workers only when it fills a token budget per worker.
+tokens. Random TinyStories batches, 256-token forwards, SmolLM2-135M on 2 cores (docs/serving.md): 32 texts
+ran at 165 texts/s as forwards on both intra-op threads against 125 on two single-threaded workers, 16 texts
+at ~100 against 68; at 64 texts the two were even (180 / 183), at 128 workers won (198 / 217). So a merged
+batch gets parallel workers only when it fills a token budget per worker.
 """
 
 from __future__ import annotations

@@ -7,11 +7,13 @@ as 1 or 2.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -65,6 +67,24 @@ class ModelSpec(Strict):
         return self
 
 
+def _top_layers(value: Any) -> Any:
+    """``top N`` (or N) as the int N; ``all`` as it is; anything else is refused in one line."""
+    if isinstance(value, str) and (match := re.fullmatch(r"\s*top\s+(-?\d+)\s*", value)):
+        value = int(match.group(1))
+    if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError(f"must be all, 'top N' or an int N >= 1 (LoRA on the top N decoder layers only), got {value!r}")
+
+
+LoraLayers = Annotated[Literal["all"] | int, BeforeValidator(_top_layers)]
+
+
+def added_later(default: Any, **kwargs: Any) -> Any:
+    """A key added after runs were already saved: left out of the recipe's fingerprint while it holds its default,
+    so a run started before the key existed still resumes (``Recipe.fingerprint``)."""
+    return Field(default, json_schema_extra={"fingerprint_omits_default": True}, **kwargs)
+
+
 class LoraSpec(Strict):
     r: PositiveInt = 16
     alpha: PositiveFloat = 32
@@ -76,6 +96,9 @@ class LoraSpec(Strict):
         "float32", description="Adapter parameters: float32 (stable updates, float32 compute); mixed (float32 "
         "parameters, matmuls in the model's dtype under autocast: bf16 speed with float32 updates); or the model's "
         "dtype (bf16: what sentence-transformers' add_adapter does; small updates can round away).")
+    layers: LoraLayers = added_later(
+        "all", description="Which decoder layers get adapters: all, or 'top N' (also just N): only the top N, so "
+        "backward stops below the lowest of them (a CPU step's cost falls with N; docs/training.md).")
 
 
 class OptimizerSpec(Strict):
@@ -90,12 +113,6 @@ class OptimizerSpec(Strict):
 class ScheduleSpec(Strict):
     name: Literal["constant", "linear", "cosine"] = "linear"
     warmup_steps: NonNegativeInt = 0
-
-
-def added_later(default: Any, **kwargs: Any) -> Any:
-    """A stage key added after runs were already saved: left out of the recipe's fingerprint while it holds its
-    default, so a run started before the key existed still resumes (``Recipe.fingerprint``)."""
-    return Field(default, json_schema_extra={"fingerprint_omits_default": True}, **kwargs)
 
 
 class DataSpec(Strict):

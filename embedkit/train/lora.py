@@ -14,7 +14,7 @@ import torch
 import torch.distributed.tensor  # noqa: F401  (peft 0.21 + torch 2.13 need it imported before peft)
 from torch import nn
 
-from embedkit.backbone import convert_gguf, load_backbone, load_tokenizer, resolve_dtype, resolve_spec
+from embedkit.backbone import convert_gguf, decoder_layers, load_backbone, load_tokenizer, resolve_dtype, resolve_spec
 
 LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 KNOWN_TARGETS: dict[str, list[str]] = {
@@ -75,9 +75,11 @@ def wrap_lora(model: nn.Module, spec, base_name: str, adapter_name: str = "defau
 
     targets = resolve_targets(model, spec.target_modules)
     model_type = getattr(model.config, "model_type", "")
+    layers = getattr(spec, "layers", "all")
+    indices, pattern = (None, None) if layers == "all" else top_layers(model, layers)
     config = LoraConfig(
         r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets, bias="none",
-        fan_in_fan_out=model_type in FAN_IN_FAN_OUT,
+        fan_in_fan_out=model_type in FAN_IN_FAN_OUT, layers_to_transform=indices, layers_pattern=pattern,
     )
     dtype = getattr(spec, "dtype", "float32")
     peft_model = get_peft_model(model, config, adapter_name=adapter_name,
@@ -85,7 +87,36 @@ def wrap_lora(model: nn.Module, spec, base_name: str, adapter_name: str = "defau
     peft_model.peft_config[adapter_name].base_model_name_or_path = str(base_name)
     if dtype == "mixed":
         compute_in_model_dtype(peft_model)
+    drop_input_grad_hooks(model)
     return peft_model
+
+
+def top_layers(model: nn.Module, count: int) -> tuple[list[int], str]:
+    """Indices of the top ``count`` decoder layers and the name of their ``nn.ModuleList`` (peft's
+    ``layers_to_transform`` / ``layers_pattern``)."""
+    try:
+        layers = decoder_layers(model)
+    except ValueError as err:
+        raise LoraTargetError(f"lora.layers={count}: {err} Use lora.layers: all.") from None
+    total = len(layers)
+    if count > total:
+        raise LoraTargetError(f"lora.layers=top {count} but {type(model).__name__} has {total} decoder layers; use 1 "
+                              f"to {total}, or all.")
+    name = next(n for n, module in model.named_modules() if module is layers)
+    return list(range(total - count, total)), name.rsplit(".", 1)[-1]
+
+
+def drop_input_grad_hooks(model: nn.Module) -> None:
+    """Remove the hooks that make the input embeddings' output require grad (transformers adds one with gradient
+    checkpointing, peft another when wrapping a checkpointed model): they only serve reentrant checkpointing,
+    which embedkit does not use, and they make autograd record every layer from the bottom, so a top-layers-only
+    adapter's backward would still run through the whole stack."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if get is not None else None
+    hooks = getattr(embeddings, "_forward_hooks", {})
+    for key, hook in list(hooks.items()):
+        if getattr(hook, "__name__", "").startswith("make_inputs_require_grad"):
+            del hooks[key]
 
 
 def compute_in_model_dtype(peft_model: nn.Module) -> None:

@@ -73,12 +73,26 @@ class Recipe(Strict):
         """Hash of everything that changes the trained weights (not logging, checkpointing or evaluation). Stage
         keys added later (``config.added_later``) count only when set, so older runs keep their fingerprint."""
         data = self.model_dump(mode="json", exclude=set(NOT_FINGERPRINTED))
-        for stage, dumped in zip(self.stages, data["stages"], strict=True):
-            for key, info in type(stage).model_fields.items():
-                extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-                if extra.get("fingerprint_omits_default") and getattr(stage, key) == info.default:
-                    dumped.pop(key, None)
+        _omit_later_defaults(self, data)
         return json_digest(data)
+
+
+def _omit_later_defaults(model: Any, dumped: Any) -> None:
+    """Drop ``added_later`` keys that hold their default from ``dumped`` (the model's JSON dump), at any depth:
+    stage keys, ``lora`` keys of the recipe and of a stage."""
+    if isinstance(model, list) and isinstance(dumped, list):
+        for item, sub in zip(model, dumped, strict=False):
+            _omit_later_defaults(item, sub)
+        return
+    if not isinstance(model, BaseModel) or not isinstance(dumped, dict):
+        return
+    for key, info in type(model).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        value = getattr(model, key)
+        if extra.get("fingerprint_omits_default") and value == info.default:
+            dumped.pop(key, None)
+        elif key in dumped:
+            _omit_later_defaults(value, dumped[key])
 
 
 # -- loading -------------------------------------------------------------------------------------------------

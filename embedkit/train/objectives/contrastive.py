@@ -21,6 +21,7 @@ from embedkit.train.losses import EmbedFn, FalseNegatives, text_keys, tower_loss
 from embedkit.train.matryoshka import MatryoshkaSpec, matryoshka_loss, record_dims, width_problem
 from embedkit.train.objectives.base import Objective
 from embedkit.train.sources import source_weights
+from embedkit.train.towers import TowerRows, sorted_forward
 
 
 class FalseNegativeSpec(Strict):
@@ -98,12 +99,8 @@ class ContrastiveObjective(Objective):
         return tokenize(self.ctx.tokenizer, texts, max_length=self.ctx.max_length, instruction=instruction,
                         template=emb.config.template, append_eos=emb.config.pooling == "eos")
 
-    def _embed_fn(self, tokenized: Tokenized, rows: Sequence[int]):
-        emb = self.ctx.embedder
-
-        def embed(chunk: Sequence[int]) -> torch.Tensor:
-            return emb(*emb.collate(tokenized, [rows[i] for i in chunk]))
-        return embed
+    def _embed_fn(self, tokenized: Tokenized, rows: Sequence[int]) -> TowerRows:
+        return TowerRows(self.ctx.embedder, tokenized, rows)
 
     def _row_groups(self, sources: list[str]) -> RowGroups | list[str] | None:
         """How batches are drawn: the original ``data: {paths}`` form as before (``same_source_batches`` groups by
@@ -163,7 +160,12 @@ class ContrastiveObjective(Objective):
         return loss_fn
 
     def towers_loss(self, towers: Sequence[tuple[EmbedFn, int]], loss_fn, rows: Sequence[int]):
-        """``tower_loss`` of ``loss_terms`` summed over the Matryoshka prefixes (if any), with GradCache chunks."""
+        """``tower_loss`` of ``loss_terms`` summed over the Matryoshka prefixes (if any), with GradCache chunks;
+        without GradCache the towers run together, sorted by length (``towers.sorted_forward``)."""
+        shared = sorted_forward(towers) if self.config.mini_batch_size is None else None
+        if shared is not None:
+            towers = [(lambda chunk, e=e: e[chunk.start:chunk.stop], n) for e, (_, n) in zip(shared, towers,
+                                                                                            strict=True)]
         return tower_loss(towers, matryoshka_loss(self.loss_terms(loss_fn, rows), self.config.matryoshka),
                           self.config.mini_batch_size)
 

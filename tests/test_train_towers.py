@@ -1,0 +1,94 @@
+"""Contrastive towers run together, sorted by length: less padding, same embeddings, loss and gradients."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import torch
+from test_train_helpers import tiny_recipe
+
+from embedkit.batching import Tokenized, collate
+from embedkit.train.recipe import load_recipe
+from embedkit.train.towers import TowerRows, least_padding_split, sorted_forward
+from embedkit.train.trainer import Trainer, backward
+
+
+class RecordingEmbedder:
+    """Embeds a text as [sum of its ids, its length, its instruction length]; records each batch's padded shape."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def collate(self, tokenized, rows=None):
+        rows = range(len(tokenized)) if rows is None else rows
+        return collate([tokenized.ids[i] for i in rows], [tokenized.prefix_lengths[i] for i in rows], pad_id=0)
+
+    def __call__(self, input_ids, attention_mask, pool_mask):
+        self.shapes.append(tuple(input_ids.shape))
+        prefix = attention_mask.sum(1) - pool_mask.sum(1)
+        return torch.stack([input_ids.sum(1), attention_mask.sum(1), prefix], 1).float()
+
+
+def test_towers_share_length_sorted_batches_and_come_back_in_order():
+    emb = RecordingEmbedder()
+    anchors = Tokenized([[1] * 9, [2] * 2, [3] * 8, [4] * 3], [2, 0, 0, 1])
+    others = Tokenized([[5] * 2, [6] * 9, [7] * 3, [8] * 8], [0, 0, 0, 0])
+    towers = [(TowerRows(emb, anchors, [0, 1, 2, 3]), 4), (TowerRows(emb, others, [3, 2, 1, 0]), 4)]
+    separate = [fn(range(n)) for fn, n in towers]
+    assert emb.shapes == [(4, 9), (4, 9)]  # each tower padded to its longest text: 72 cells for 44 tokens
+    emb.shapes.clear()
+    together = sorted_forward(towers)
+    assert emb.shapes == [(4, 3), (4, 9)]  # lengths 2 2 3 3 | 8 8 9 9: 48 cells
+    for got, want in zip(together, separate, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_split_puts_the_cuts_where_the_fewest_padding_cells_fall():
+    assert least_padding_split([1, 2, 3, 40], 2) == [(0, 3), (3, 4)]  # 3 x 3 + 40 cells (equal halves: 84)
+    assert least_padding_split([5, 5, 5], 3) == [(0, 3)]  # no cut where it saves nothing
+    assert least_padding_split([1, 2, 3, 40], 1) == [(0, 4)]
+    rng = random.Random(1)
+    for _ in range(300):  # against every way to cut
+        lengths, parts = sorted(rng.randint(1, 12) for _ in range(rng.randint(1, 9))), rng.randint(1, 4)
+        got = least_padding_split(lengths, parts)
+
+        def cells(runs, lengths=lengths):
+            return sum((stop - start) * lengths[stop - 1] for start, stop in runs)
+        best = min(cells(list(zip((0, *cut), (*cut, len(lengths)), strict=True))) for n in range(parts)
+                   for cut in itertools.combinations(range(1, len(lengths)), n))
+        assert cells(got) == best and len(got) <= parts
+        assert got[0][0] == 0 and [a for a, _ in got[1:]] == [b for _, b in got[:-1]] and got[-1][1] == len(lengths)
+
+
+def test_towers_that_are_not_whole_tower_rows_run_on_their_own():
+    emb = RecordingEmbedder()
+    tok = Tokenized([[1, 2], [3]], [0, 0])
+    assert sorted_forward([(TowerRows(emb, tok, [0, 1]), 2), (lambda chunk: None, 2)]) is None
+    assert sorted_forward([(TowerRows(emb, tok, [0, 1]), 1)]) is None
+    assert emb.shapes == []
+
+
+def test_supervised_loss_and_gradients_match_one_pass_per_tower(tmp_path):
+    """The tiny model in float32, no dropout: the sorted shared pass gives the loss and adapter gradients of one
+    pass per tower (GradCache with a chunk per tower runs the towers one by one)."""
+    recipe = tiny_recipe(tmp_path / "data", tmp_path / "run")
+    recipe["lora"]["dropout"] = 0.0
+    trainer = Trainer(load_recipe(recipe), resume=False)
+    trainer.load_model()
+    objective, peft_model = trainer.start_stage(2)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    objective.prepare()
+    trainer.embedder.train()
+    results = []
+    for mini_batch in (None, 4):
+        objective.config = objective.config.model_copy(update={"mini_batch_size": mini_batch})
+        peft_model.zero_grad(set_to_none=True)
+        loss = backward(objective.loss([0, 1, 2, 3], step=0))
+        results.append((loss, {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}))
+    (sorted_loss, sorted_grads), (tower_loss, tower_grads) = results
+    assert abs(sorted_loss - tower_loss) < 1e-5 and sorted_loss > 0
+    for name, grad in tower_grads.items():
+        torch.testing.assert_close(sorted_grads[name], grad, rtol=1e-4, atol=1e-5)

@@ -8,7 +8,7 @@ same model, batch, data and LoRA, in one run; tokens/s and MFU against a bf16 ma
 Each ``--embedkit VARIANT`` is one embedkit run: ``;``-separated recipe overrides (``lora.*`` / ``model.*`` as in
 the recipe, any other key is the stage's, e.g. ``batch_size=64``), plus the bench-only levers ``+compile``
 (torch.compile of the decoder layers, forward and backward), ``+fused_adamw`` (torch's fused CPU AdamW) and
-``+per_tower`` (the code before towers.sorted_forward: one padded pass per tower, for before/after). Each
+``+per_tower`` (``sort_by_length=off``: one padded pass per tower, as before towers.py). Each
 ``--st LAYERS`` is one sentence-transformers run with LoRA on ``all`` layers or the ``top N``.
 
 The objectives mirror the shipped recipes: ``supervised`` is the supervised stage of
@@ -78,7 +78,9 @@ def parse_variant(variant: str) -> tuple[list[str], set[str]]:
     """``a=1;b=2;+compile`` -> recipe overrides (stage keys prefixed ``stages.0.``) and bench flags."""
     overrides, flags = [], set()
     for part in filter(None, (p.strip() for p in variant.split(";"))):
-        if part.startswith("+"):
+        if part == "+per_tower":  # the code before the towers were sorted together: one padded pass per tower
+            overrides.append("stages.0.sort_by_length=off")
+        elif part.startswith("+"):
             if part not in BENCH_FLAGS:
                 raise SystemExit(f"unknown bench flag {part!r}; known: {', '.join(BENCH_FLAGS)}")
             flags.add(part)
@@ -110,12 +112,6 @@ class Levers:
                 return peft_model
             model_module.TrainModel.wrap = compiled_wrap
             self.undo.append(lambda: setattr(model_module.TrainModel, "wrap", wrap))
-        if "+per_tower" in self.flags:  # before towers.sorted_forward: one padded pass per tower
-            import embedkit.train.objectives.contrastive as contrastive_module
-
-            shared = contrastive_module.sorted_forward
-            contrastive_module.sorted_forward = lambda towers: None
-            self.undo.append(lambda: setattr(contrastive_module, "sorted_forward", shared))
         if "+fused_adamw" in self.flags:
             build = trainer_module.build_optimizer
 

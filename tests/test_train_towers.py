@@ -8,9 +8,10 @@ import random
 import torch
 from test_train_helpers import tiny_recipe
 
+import embedkit.train.objectives.contrastive as contrastive
 from embedkit.batching import Tokenized, collate
 from embedkit.train.recipe import load_recipe
-from embedkit.train.towers import TowerRows, least_padding_split, sorted_forward
+from embedkit.train.towers import TowerRows, draws_dropout, least_padding_split, sorted_forward
 from embedkit.train.trainer import Trainer, backward
 
 
@@ -72,16 +73,10 @@ def test_towers_that_are_not_whole_tower_rows_run_on_their_own():
 def test_supervised_loss_and_gradients_match_one_pass_per_tower(tmp_path):
     """The tiny model in float32, no dropout: the sorted shared pass gives the loss and adapter gradients of one
     pass per tower (GradCache with a chunk per tower runs the towers one by one)."""
-    recipe = tiny_recipe(tmp_path / "data", tmp_path / "run")
-    recipe["lora"]["dropout"] = 0.0
-    trainer = Trainer(load_recipe(recipe), resume=False)
-    trainer.load_model()
-    objective, peft_model = trainer.start_stage(2)
+    objective, peft_model = _tiny_supervised(tmp_path, lora_dropout=0.0)
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(len(name)))
-    objective.prepare()
-    trainer.embedder.train()
     results = []
     for mini_batch in (None, 4):
         objective.config = objective.config.model_copy(update={"mini_batch_size": mini_batch})
@@ -92,3 +87,42 @@ def test_supervised_loss_and_gradients_match_one_pass_per_tower(tmp_path):
     assert abs(sorted_loss - tower_loss) < 1e-5 and sorted_loss > 0
     for name, grad in tower_grads.items():
         torch.testing.assert_close(sorted_grads[name], grad, rtol=1e-4, atol=1e-5)
+
+
+def _tiny_supervised(tmp_path, lora_dropout: float):
+    recipe = tiny_recipe(tmp_path / "data", tmp_path / "run")
+    recipe["lora"]["dropout"] = lora_dropout
+    trainer = Trainer(load_recipe(recipe), resume=False)
+    trainer.load_model()
+    objective, peft_model = trainer.start_stage(2)
+    objective.prepare()
+    trainer.embedder.train()
+    return objective, peft_model
+
+
+def test_with_dropout_the_towers_sort_together_only_when_asked(tmp_path, monkeypatch):
+    """Dropout masks would come in another order (so older runs' numbers would change): ``auto`` keeps one pass per
+    tower when the forward draws dropout, ``always`` sorts anyway, ``off`` never sorts."""
+    calls = []
+    real = contrastive.sorted_forward
+    monkeypatch.setattr(contrastive, "sorted_forward", lambda towers: calls.append(len(towers)) or real(towers))
+    objective, peft_model = _tiny_supervised(tmp_path, lora_dropout=0.1)
+    assert draws_dropout(peft_model)
+    for setting, sorted_calls in (("auto", []), ("always", [3]), ("off", [])):
+        calls.clear()
+        objective.config = objective.config.model_copy(update={"sort_by_length": setting})
+        backward(objective.loss([0, 1, 2, 3], step=0))
+        assert calls == sorted_calls, setting
+    peft_model.eval()
+    assert not draws_dropout(peft_model)
+
+
+def test_attention_dropout_counts_as_dropout():
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaModel(config).train()
+    assert not draws_dropout(model)
+    model.layers[0].self_attn.attention_dropout = 0.1
+    assert draws_dropout(model)

@@ -6,7 +6,8 @@ a third of the tokens a step ran through the model were padding, and a CPU step'
 them (docs/training.md, "CPU notes"). Here every tower's texts are pooled, sorted by length and cut into at most as
 many batches as there were towers, where the fewest padding cells fall (``least_padding_split``), each padded to its
 own longest text; the embeddings go back to tower order. Padding is masked, so the embeddings are the same up to float
-rounding; dropout draws its masks in a different order. GradCache (``mini_batch_size``) keeps one tower per pass.
+rounding. Dropout would draw its masks in another order, so with dropout this is opt-in (the stage key
+``sort_by_length``); GradCache (``mini_batch_size``) keeps one tower per pass.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import bisect
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from embedkit.batching import Tokenized
 
@@ -34,6 +36,20 @@ class TowerRows:
         """Token ids and instruction length of the tower's ``position``-th text."""
         row = self.rows[position]
         return self.tokenized.ids[row], self.tokenized.prefix_lengths[row]
+
+
+def draws_dropout(model: nn.Module) -> bool:
+    """Whether a training forward of ``model`` draws dropout masks: an ``nn.Dropout`` with p > 0 (LoRA's dropout
+    too) or an attention module with ``attention_dropout`` > 0, in training mode."""
+    for module in model.modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            return True
+        rate = getattr(module, "attention_dropout", 0.0)
+        if isinstance(rate, float) and rate > 0:
+            return True
+    return False
 
 
 def sorted_forward(towers: Sequence[tuple[object, int]]) -> list[torch.Tensor] | None:

@@ -21,7 +21,7 @@ from embedkit.train.losses import EmbedFn, FalseNegatives, text_keys, tower_loss
 from embedkit.train.matryoshka import MatryoshkaSpec, matryoshka_loss, record_dims, width_problem
 from embedkit.train.objectives.base import Objective
 from embedkit.train.sources import source_weights
-from embedkit.train.towers import TowerRows, sorted_forward
+from embedkit.train.towers import TowerRows, draws_dropout, sorted_forward
 
 
 class FalseNegativeSpec(Strict):
@@ -46,6 +46,10 @@ class ContrastiveConfig(StageConfig):
         "auto", description="same_source: each batch from one source (sources drawn by weight); mixed: rows of all "
                             "sources in a batch. auto: same_source for a list of sources, else as before.")
     false_negatives: FalseNegativeSpec = added_later(FalseNegativeSpec())
+    sort_by_length: Literal["auto", "always", "off"] = added_later(
+        "auto", description="Run the towers (anchors, positives, negatives; SimCSE's two views) together, sorted by "
+        "length, for less padding (towers.py). auto: when the forward draws no dropout (then the numbers are those of "
+        "one pass per tower, up to rounding); always: with dropout too (its masks come in another order); off.")
 
     def batch_kind(self) -> str:
         if self.batches != "auto":
@@ -161,8 +165,13 @@ class ContrastiveObjective(Objective):
 
     def towers_loss(self, towers: Sequence[tuple[EmbedFn, int]], loss_fn, rows: Sequence[int]):
         """``tower_loss`` of ``loss_terms`` summed over the Matryoshka prefixes (if any), with GradCache chunks;
-        without GradCache the towers run together, sorted by length (``towers.sorted_forward``)."""
-        shared = sorted_forward(towers) if self.config.mini_batch_size is None else None
+        without GradCache the towers may run together, sorted by length (``sort_by_length``, ``towers.py``)."""
+        cfg = self.config
+        together = cfg.mini_batch_size is None and cfg.sort_by_length != "off" and all(
+            isinstance(fn, TowerRows) for fn, _ in towers)
+        if together and cfg.sort_by_length == "auto":  # hidden dropout is a hook, not a module: asked separately
+            together = not (cfg.hidden_dropout > 0 or draws_dropout(towers[0][0].embedder.backbone))
+        shared = sorted_forward(towers) if together else None
         if shared is not None:
             towers = [(lambda chunk, e=e: e[chunk.start:chunk.stop], n) for e, (_, n) in zip(shared, towers,
                                                                                             strict=True)]

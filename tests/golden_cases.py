@@ -43,7 +43,8 @@ TINY_SEED = 1234  # a private tiny Llama (tiny_model caches per seed; no other t
 # The shipped CPU recipes: everything in recipes/*.yaml but recipes/paper/ and the 1.5B-8B models.
 TRAIN_RECIPES = ("llm2vec-smollm2-cpu", "llm2vec-smollm2-literal-cpu", "llm2vec-smollm2-supervised-cpu",
                  "gem-smollm2-135m", "conan-smollm2-135m-hard", "conan-smollm2-135m-soft",
-                 "conan-smollm2-135m-soft-mining", "nvembed-smollm2-135m", "mix-smollm2-135m-cpu")
+                 "conan-smollm2-135m-soft-mining", "nvembed-smollm2-135m", "mix-smollm2-135m-cpu",
+                 "supervised-gemma3-270m-cpu", "mix-gemma3-270m-cpu", "distill-gemma3-270m-cpu")
 TP_RECIPE = "tp-smollm2-135m"  # not trained: it builds an embedder, so its golden output is vectors
 STEPS = 5
 QUERIES = ["a little girl went to the park", "the dog was happy", "a big red ball", "mom baked a cake",

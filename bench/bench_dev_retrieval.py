@@ -1,7 +1,8 @@
 """A retrieval dev set for recipe choices (issue 16): the test sets of eval/RESULTS.md must not steer training
-choices, and ../shared has no retrieval dev split. The CPU recipes cap pairs/SQuADQuestions at its first 4,000 rows,
-so its last rows are questions and answer sentences no recipe reads: each question searches the distinct sentences of
-those rows (one relevant each); reported: nDCG@10, recall@1 and recall@10, plus STS-B dev Spearman for reference.
+choices, and ../shared has no retrieval dev split. distill-gemma3-270m-cpu caps pairs/SQuADQuestions at its first
+4,000 rows, so its last rows are questions and answer sentences that recipe never reads (recipes that do not cap the
+source may have seen some): each question searches the distinct sentences of those rows (one relevant each);
+reported: nDCG@10, recall@1 and recall@10, plus STS-B dev Spearman for reference.
 
     python bench/bench_dev_retrieval.py runs/distill-gemma3-270m-cpu/final [more saved embedders or specs ...]
 
@@ -24,7 +25,7 @@ from embedkit.io import iter_text_lines
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SOURCE = "pairs/SQuADQuestions/train.jsonl"
-RECIPE_LIMIT = 4000  # the recipes' `limit` on this source: rows past it are unseen in training
+RECIPE_LIMIT = 4000  # distill-gemma3-270m-cpu's `limit` on this source: rows past it are unseen in training
 RESULTS = Path(__file__).resolve().parent / "results" / "dev_retrieval.jsonl"
 
 

@@ -187,7 +187,7 @@ class RecordingEmbedder:
     def __init__(self):
         self.workers: list[int] = []
 
-    def encode_tokenized(self, tokenized, *, max_batch_tokens, workers, show_progress_bar):
+    def encode_tokenized(self, tokenized, *, max_batch_tokens, workers, show_progress_bar, packed):
         self.workers.append(workers)
         return np.zeros((len(tokenized), 4), dtype=np.float32)
 

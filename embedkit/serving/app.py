@@ -95,7 +95,8 @@ async def _load(app: FastAPI, settings: ServeSettings, load: Loader, on_error) -
             ModelCall.build, embedder, packed=settings.packed, max_batch_tokens=settings.max_batch_tokens,
             workers=settings.workers or embedder.default_workers()))
         batcher = DynamicBatcher(encode, max_wait=settings.max_wait_ms / 1000, max_batch_texts=settings.max_batch_texts,
-                                 max_queue_texts=settings.max_queue_texts, executor=model_thread)
+                                 max_queue_texts=settings.max_queue_texts, executor=model_thread,
+                                 rejoin_share=settings.rejoin_share)
         batcher.start()
         app.state.loaded = Loaded(embedder, index, batcher, threading.Lock())
         logger.info("serving %s (%d-d)%s", settings.model_name, embedder.dimension,

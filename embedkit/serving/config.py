@@ -35,6 +35,9 @@ class ServeSettings(BaseModel):
                                "company before the model runs.")
     max_batch_texts: int = Field(256, ge=1, description="Most texts merged into one model call (a larger request "
                                  "runs alone).")
+    rejoin_share: float = Field(0.3, ge=0, le=1, description="When the model is free but fewer texts are queued "
+                                "than its last call answered, wait up to this share of that call's time for them "
+                                "(answered clients send again).")
     max_queue_texts: int = Field(8192, ge=1, description="Texts waiting for the model; beyond this: 503.")
     packed: bool = Field(True, description="Run merged batches as packed forwards when the model allows it "
                          "(embedkit/packing.py), else padded.")

@@ -45,7 +45,12 @@ class ModelCall:
         return cls(embedder, max_batch_tokens or default, workers, packed=reason is None)
 
     def workers_for(self, tokenized: Tokenized) -> int:
-        """``workers`` for a batch with at least a full token budget per worker, else 1 (all intra-op threads)."""
+        """Padded: ``workers`` for a batch with at least a full token budget per worker, else 1 (all intra-op
+        threads). Packed: ``workers`` whenever each gets a text; the batch splits into equal real-token halves,
+        and single-threaded workers do not stall at every kernel when the event loop takes a core (32-text calls
+        inside the server: 228 texts/s against 172 as one forward on both threads; docs/serving.md)."""
+        if self.packed:
+            return max(1, min(self.workers, len(tokenized)))
         tokens = sum(map(len, tokenized.ids))
         return self.workers if tokens >= self.workers * self.max_batch_tokens else 1
 

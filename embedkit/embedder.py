@@ -39,6 +39,7 @@ from embedkit.compilation import compile_decoder_layers, use_compilable_attentio
 from embedkit.embedder_config import CONFIG_FILE, EmbedderConfig
 from embedkit.io import atomic_write_dir
 from embedkit.method_registry import apply_methods
+from embedkit.packing import packed_vectors, packing_blocker, plan_packed_batches
 from embedkit.pooling import Pooler, pooler_class, shared_pooler
 
 logger = logging.getLogger(__name__)
@@ -193,6 +194,7 @@ class Embedder(nn.Module):
         workers: int | None = None,
         dimensions: int | None = None,
         *,
+        packed: bool = False,
         max_tokens: int | None = None,
     ) -> np.ndarray:
         """Encode texts to an (n, d) float32 array, in input order.
@@ -202,7 +204,7 @@ class Embedder(nn.Module):
         prepended and attended to, but not pooled. ``workers``: batches encoded in parallel, each on one torch
         thread (default: torch's thread count on CPU, 1 on GPU or with a forward hook that is not thread-safe).
         ``dimensions``: keep the first ``dimensions`` components (Matryoshka), then normalise (if normalising).
-        ``max_tokens`` is the deprecated name of ``max_batch_tokens``.
+        ``packed``: packed forwards (see ``encode_tokenized``). ``max_tokens``: deprecated ``max_batch_tokens``.
         """
         if max_tokens is not None:
             warnings.warn("Embedder.encode(max_tokens=) is deprecated and will be removed: use max_batch_tokens= "
@@ -213,15 +215,18 @@ class Embedder(nn.Module):
         self._warn_truncated(tokenized)
         return self.encode_tokenized(tokenized, width, batch_size=batch_size, normalize=normalize,
                                      show_progress_bar=show_progress_bar, max_batch_tokens=max_batch_tokens,
-                                     padding_side=padding_side, workers=workers)
+                                     padding_side=padding_side, workers=workers, packed=packed)
 
     def encode_tokenized(
         self, tokenized: Tokenized, width: int | None = None, *, batch_size: int | None = None,
         normalize: bool | None = None, show_progress_bar: bool | None = None,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, padding_side: str = "right", workers: int | None = None,
+        packed: bool = False,
     ) -> np.ndarray:
         """``encode`` for rows tokenized already (the server merges requests with different instructions):
-        sorted token-budget batches on ``workers`` threads, the first ``width`` components, input order."""
+        sorted token-budget batches on ``workers`` threads, the first ``width`` components, input order.
+        ``packed``: batches of ``max_batch_tokens`` real tokens run as packed forwards (embedkit/packing.py),
+        or padded when this embedder cannot be packed (``packing_blocker`` says why)."""
         width = self.dimension if width is None else width
         normalize = self.config.normalize if normalize is None else normalize
         out = np.empty((len(tokenized), width), dtype=np.float32)
@@ -230,8 +235,12 @@ class Embedder(nn.Module):
         workers = self.default_workers() if workers is None else workers
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}.")
-        plan = plan_for_workers([len(s) for s in tokenized.ids], max_batch_tokens=max_batch_tokens,
-                                max_batch=batch_size or DEFAULT_MAX_BATCH, workers=workers)
+        lengths = [len(s) for s in tokenized.ids]
+        if packed and (reason := packing_blocker(self, max(lengths))) is not None:
+            logger.debug("padded forwards, not packed: %s", reason)
+            packed = False
+        plan = (plan_packed_batches if packed else plan_for_workers)(
+            lengths, max_batch_tokens=max_batch_tokens, max_batch=batch_size or DEFAULT_MAX_BATCH, workers=workers)
         if show_progress_bar is None:
             show_progress_bar = len(tokenized) >= PROGRESS_BAR_MIN_TEXTS
         was_training = self.training
@@ -242,7 +251,9 @@ class Embedder(nn.Module):
                 bar_lock = threading.Lock()
 
                 def step(rows: list[int]) -> None:
-                    vectors = self(*self.collate(tokenized, rows, padding_side)).float()[:, :width]
+                    vectors = packed_vectors(self, tokenized, rows) if packed else \
+                        self(*self.collate(tokenized, rows, padding_side))
+                    vectors = vectors.float()[:, :width]
                     if normalize:
                         vectors = torch.nn.functional.normalize(vectors, dim=-1)
                     out[rows] = vectors.cpu().numpy()

@@ -187,7 +187,7 @@ class RecordingEmbedder:
     def __init__(self):
         self.workers: list[int] = []
 
-    def encode_tokenized(self, tokenized, *, max_batch_tokens, workers, show_progress_bar):
+    def encode_tokenized(self, tokenized, *, max_batch_tokens, workers, show_progress_bar, packed):
         self.workers.append(workers)
         return np.zeros((len(tokenized), 4), dtype=np.float32)
 
@@ -199,3 +199,44 @@ def test_a_merged_batch_gets_parallel_workers_only_with_a_token_budget_per_worke
     large = Tokenized([[1] * 10] * 20, [0] * 20)  # 200 tokens: a full budget for each of 2 workers
     assert call(small).shape == (19, 4) and call(large).shape == (20, 4)
     assert embedder.workers == [1, 2]
+
+
+class SlowModel(FakeModel):
+    """A FakeModel whose calls take ``seconds``."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def __call__(self, tokenized: Tokenized) -> np.ndarray:
+        time.sleep(self.seconds)
+        return super().__call__(tokenized)
+
+
+@pytest.mark.parametrize(("share", "expected"), [(0.0, [[1, 2, 3, 4], [5], [6, 7, 8]]),
+                                                 (0.5, [[1, 2, 3, 4], [5, 6, 7, 8]])])
+def test_a_free_model_waits_a_share_of_its_last_call_for_the_clients_it_answered(share, expected):
+    model = SlowModel(0.3)
+
+    async def main():
+        batcher = DynamicBatcher(model, max_wait=0, rejoin_share=share)
+        batcher.start()
+
+        async def client(first: int) -> None:  # answered, it sends again after a delay
+            await batcher.submit(rows(first))
+            await asyncio.sleep(0.0 if first == 1 else 0.05)
+            await batcher.submit(rows(first + 4))
+
+        await asyncio.gather(*(client(i) for i in (1, 2, 3, 4)))
+        await batcher.stop()
+
+    run(main)
+    assert [sorted(call) for call in model.calls] == expected
+
+
+def test_a_packed_merged_batch_runs_on_every_worker():
+    embedder = RecordingEmbedder()
+    call = ModelCall(embedder, max_batch_tokens=1024, workers=2, packed=True)
+    call(Tokenized([[1] * 10] * 3, [0] * 3))
+    call(Tokenized([[1] * 10], [0]))
+    assert embedder.workers == [2, 1]

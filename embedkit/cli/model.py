@@ -98,6 +98,8 @@ def serve(model: ModelArg,
           max_texts: Annotated[int, typer.Option(help="Texts per request.")] = 2048,
           max_chars: Annotated[int, typer.Option(help="Characters per text.")] = 32_000,
           max_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 300_000,
+          packed: Annotated[bool, typer.Option("--packed/--no-packed", help="Run merged batches as packed "
+                                               "forwards (no padding) when the model allows it.")] = True,
           check_model: Annotated[bool, typer.Option("--check-model/--no-check-model", help="Refuse an --index "
                                                     "built by another model (fingerprint).")] = True) -> None:
     """Serve MODEL over HTTP: OpenAI's /v1/embeddings (and /v1/search with --index), with dynamic batching."""
@@ -105,7 +107,7 @@ def serve(model: ModelArg,
         settings = ServeSettings.from_options(
             model_name=model_name or default_model_name(model), api_key=api_key or None, max_wait_ms=max_wait_ms,
             max_queue_texts=max_queue, max_texts_per_request=max_texts, max_chars_per_text=max_chars,
-            max_tokens_per_request=max_tokens, default_dimensions=dimensions,
+            max_tokens_per_request=max_tokens, default_dimensions=dimensions, packed=packed,
         )
         load = model_loader(model, index, threads=threads, check_model=check_model, attention=attention,
                             pooling=pooling, dtype=dtype, max_length=max_length)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -90,9 +91,12 @@ async def _load(app: FastAPI, settings: ServeSettings, load: Loader, on_error) -
             raise ValueError(f"--dimensions {settings.default_dimensions} is more than the model's "
                              f"{embedder.dimension}: give at most {embedder.dimension}.")
         embedder.eval()
-        encode = ModelCall(embedder, settings.max_batch_tokens, settings.workers or embedder.default_workers())
+        encode = await asyncio.get_running_loop().run_in_executor(model_thread, partial(
+            ModelCall.build, embedder, packed=settings.packed, max_batch_tokens=settings.max_batch_tokens,
+            workers=settings.workers or embedder.default_workers()))
         batcher = DynamicBatcher(encode, max_wait=settings.max_wait_ms / 1000, max_batch_texts=settings.max_batch_texts,
-                                 max_queue_texts=settings.max_queue_texts, executor=model_thread)
+                                 max_queue_texts=settings.max_queue_texts, executor=model_thread,
+                                 rejoin_share=settings.rejoin_share)
         batcher.start()
         app.state.loaded = Loaded(embedder, index, batcher, threading.Lock())
         logger.info("serving %s (%d-d)%s", settings.model_name, embedder.dimension,

@@ -6,11 +6,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-# A merged batch of one-text requests has texts of random lengths: cut, longest first, into forwards of at most
-# 256 padded tokens, it wastes less on padding than one padded forward. Random 32-text batches of TinyStories
-# sentences ran at 178 texts/s against 135 with encode's 2048, random 256-text ones at 222-244 against 115
-# (SmolLM2-135M, bf16, 2-core EPYC; docs/serving.md).
+# A merged batch of one-text requests has texts of random lengths. Padded, cut longest first into forwards of at
+# most 256 padded tokens, it wastes less on padding than one padded forward: random 32-text batches of TinyStories
+# sentences ran at 178 texts/s against 135 with encode's 2048, random 256-text ones at 222-244 against 115.
+# Packed (embedkit/packing.py), a forward costs its real tokens, so fewer, larger forwards pay less fixed cost per
+# forward: 1024 real tokens ran random 32-text batches at 236 texts/s against 212 with 256 (SmolLM2-135M, bf16,
+# 2-core EPYC; docs/serving.md).
 SERVE_MAX_BATCH_TOKENS = 256
+SERVE_PACKED_BATCH_TOKENS = 1024
 
 
 class ServeSettings(BaseModel):
@@ -32,9 +35,15 @@ class ServeSettings(BaseModel):
                                "company before the model runs.")
     max_batch_texts: int = Field(256, ge=1, description="Most texts merged into one model call (a larger request "
                                  "runs alone).")
+    rejoin_share: float = Field(0.3, ge=0, le=1, description="When the model is free but fewer texts are queued "
+                                "than its last call answered, wait up to this share of that call's time for them "
+                                "(answered clients send again).")
     max_queue_texts: int = Field(8192, ge=1, description="Texts waiting for the model; beyond this: 503.")
-    max_batch_tokens: int = Field(SERVE_MAX_BATCH_TOKENS, ge=1, description="Padded-token budget of one forward "
-                                  "batch (as Embedder.encode's max_batch_tokens).")
+    packed: bool = Field(True, description="Run merged batches as packed forwards when the model allows it "
+                         "(embedkit/packing.py), else padded.")
+    max_batch_tokens: int | None = Field(None, ge=1, description="Token budget of one forward batch (as "
+                                         "Embedder.encode's max_batch_tokens; default: 1024 real tokens packed, "
+                                         "256 padded tokens padded).")
     workers: int | None = Field(None, ge=1, description="Batches run in parallel (default: as Embedder.encode).")
     retry_after_seconds: int = Field(1, ge=1, description="Sent with 503 when the queue is full.")
 

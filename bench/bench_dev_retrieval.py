@@ -13,28 +13,36 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from embedkit.embedder import Embedder, open_model
 from embedkit.evaluation.sts import sts_spearman
 from embedkit.hardware import describe_cpu
 from embedkit.io import iter_text_lines
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
 SOURCE = "pairs/SQuADQuestions/train.jsonl"
-RECIPE_LIMIT = 4000  # distill-gemma3-270m-cpu's `limit` on this source: rows past it are unseen in training
-RESULTS = Path(__file__).resolve().parent / "results" / "dev_retrieval.jsonl"
+RECIPE = REPO / "recipes" / "distill-gemma3-270m-cpu.yaml"  # its `limit` on SOURCE: rows past it are unseen
+RESULTS = REPO / "bench" / "results" / "dev_retrieval.jsonl"
+
+
+def recipe_limit() -> int:
+    """The first rows of SOURCE that the recipe trains on."""
+    stage = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))["stages"][0]
+    return next(source["limit"] for source in stage["data"] if source["path"] == SOURCE)
 
 
 def heldout_pairs(data: Path, rows: int) -> tuple[list[str], list[str], np.ndarray]:
     """Questions, distinct sentences and each question's sentence index, from the source's last ``rows`` rows."""
     lines = [json.loads(line) for _, line in iter_text_lines(data / SOURCE) if line.strip()]
-    if len(lines) - rows < RECIPE_LIMIT:
-        raise SystemExit(f"{SOURCE} has {len(lines)} rows: --rows {rows} would reach rows the recipes train on; "
-                         f"use at most {len(lines) - RECIPE_LIMIT}")
+    limit = recipe_limit()
+    if len(lines) - rows < limit:
+        raise SystemExit(f"{SOURCE} has {len(lines)} rows: --rows {rows} would reach rows {RECIPE.name} trains on; "
+                         f"use at most {len(lines) - limit}")
     picked = lines[-rows:]
     sentences = list(dict.fromkeys(r["positive"] for r in picked))
     where = {s: i for i, s in enumerate(sentences)}
@@ -64,8 +72,7 @@ def main() -> None:
         embedder = open_model(model, max_length=args.max_length)
         result = {"model": model, "rows": args.rows, "sentences": len(sentences), **score(embedder, questions,
                   sentences, gold), "sts_dev": sts_spearman(embedder, args.data, "dev"), "cpu": describe_cpu()}
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) and not math.isnan(v) else v)
-                          for k, v in result.items()}))
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with RESULTS.open("a", encoding="utf-8") as f:
             f.write(json.dumps(result) + "\n")

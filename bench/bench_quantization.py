@@ -33,6 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from embedkit.corpus.manifest import write_vectors_folder  # noqa: E402
 from embedkit.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "quantization.json"
@@ -118,33 +119,12 @@ def run_variants(vectors_dir: Path, work: Path, queries: np.ndarray, qps: bool, 
     return {"baselines": baselines, "binary": binary}
 
 
-def write_vectors(folder: Path, vectors: np.ndarray) -> None:
-    """A vectors folder from an array (synthetic data has no model): one shard, the manifest encode writes."""
-    from embedkit.corpus.manifest import FORMAT, FORMAT_VERSION, shard_paths  # noqa: PLC0415
-    from embedkit.io import atomic_save_npy, sha256_file  # noqa: PLC0415
-
-    vec, ids, meta = shard_paths(folder, 0)
-    vec.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_npy(vec, vectors)
-    atomic_write_text(ids, json.dumps([f"v{i}" for i in range(len(vectors))]))
-    shard = {"shard": 0, "rows": [0, len(vectors)], "count": len(vectors), "vectors": vec.name, "ids": ids.name,
-             "shape": list(vectors.shape), "dtype": "float32",
-             "bytes": {"vectors": vec.stat().st_size, "ids": ids.stat().st_size},
-             "sha256": {"vectors": sha256_file(vec), "ids": sha256_file(ids)}}
-    atomic_write_json(meta, {**shard, "job": "synthetic", "skipped_empty": 0, "skipped_ids": []})
-    atomic_write_json(folder / "manifest.json", {
-        "format": FORMAT, "version": FORMAT_VERSION, "job": "synthetic", "finished": "now",
-        "model": {"spec": "synthetic", "fingerprint": "synthetic", "config": {}}, "dimension": vectors.shape[1],
-        "dtype": "float32", "precision": "float32", "normalized": True, "metric": "ip", "count": len(vectors),
-        "skipped_empty": 0, "inputs": [], "reader": {}, "options": {}, "shards": [shard]})
-
-
 def synthetic(n: int, d: int, qps: bool) -> dict:
     from bench_encode_index import synthetic as clustered  # noqa: PLC0415
 
     rows = clustered("clustered", n + 1000, d, seed=7)
     with tempfile.TemporaryDirectory(dir=REPO / "bench" / "results") as tmp:
-        write_vectors(Path(tmp) / "vectors", rows[:n])
+        write_vectors_folder(Path(tmp) / "vectors", rows[:n])
         variants = run_variants(Path(tmp) / "vectors", Path(tmp), rows[n:], qps)
     return {"n": n, "d": d, "queries": 1000, "variants": variants}
 

@@ -13,6 +13,7 @@ import pytest
 
 from embedkit import Embedder, Index
 from embedkit.corpus import encode_corpus
+from embedkit.corpus.manifest import write_vectors_folder
 from embedkit.index import BuildOptions, build_faiss, build_index, exact_knn
 from embedkit.index.compact import DEFAULT_BINARY_THRESHOLD
 from embedkit.quantization import binary_thresholds, random_rotation
@@ -35,28 +36,6 @@ def anisotropic(clusters: int = 30, per: int = 10, d: int = 48, queries: int = 2
         np.float32)
     unit = lambda rows: (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
     return unit(docs), unit(asks)
-
-
-def write_vectors(folder: Path, rows: np.ndarray) -> Path:
-    """A one-shard vectors folder of ``rows`` (what `embedkit encode` writes, without a model)."""
-    from embedkit.corpus.manifest import FORMAT, FORMAT_VERSION, shard_paths  # noqa: PLC0415
-    from embedkit.io import atomic_save_npy, atomic_write_json, atomic_write_text, sha256_file  # noqa: PLC0415
-
-    vec, ids, meta = shard_paths(folder, 0)
-    vec.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_npy(vec, rows)
-    atomic_write_text(ids, json.dumps([f"v{i}" for i in range(len(rows))]))
-    shard = {"shard": 0, "rows": [0, len(rows)], "count": len(rows), "vectors": vec.name, "ids": ids.name,
-             "shape": list(rows.shape), "dtype": "float32",
-             "bytes": {"vectors": vec.stat().st_size, "ids": ids.stat().st_size},
-             "sha256": {"vectors": sha256_file(vec), "ids": sha256_file(ids)}}
-    atomic_write_json(meta, {**shard, "job": "synthetic", "skipped_empty": 0, "skipped_ids": []})
-    atomic_write_json(folder / "manifest.json", {
-        "format": FORMAT, "version": FORMAT_VERSION, "job": "synthetic", "finished": "now",
-        "model": {"spec": "synthetic", "fingerprint": "synthetic", "config": {}}, "dimension": rows.shape[1],
-        "dtype": "float32", "precision": "float32", "normalized": True, "metric": "ip", "count": len(rows),
-        "skipped_empty": 0, "inputs": [], "reader": {}, "options": {}, "shards": [shard]})
-    return folder
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -113,7 +92,7 @@ def test_zero_threshold_without_rotation_is_sentence_transformers_own_bits(quant
 def test_calibrated_bits_recover_the_float_top_k_where_zero_bits_do_not(tmp_path):
     x, queries = anisotropic()
     _, truth = exact_knn(x, queries, 10, "ip")
-    vectors = write_vectors(tmp_path / "vectors", x)
+    vectors = write_vectors_folder(tmp_path / "vectors", x)
     found = {}
     for name, rotate in (("zero", False), ("mean", False), ("median", False), ("mean", True), ("zero", True)):
         options = BuildOptions(precision="binary", binary_threshold=name, binary_rotation=rotate)
@@ -157,7 +136,7 @@ def test_an_index_folder_from_before_thresholds_loads_and_searches_with_zero_bit
 
 def test_a_rotation_drawn_differently_on_load_is_refused(tmp_path):
     x, _ = anisotropic()
-    built = build_index(write_vectors(tmp_path / "v", x), tmp_path / "i", BuildOptions(precision="binary"),
+    built = build_index(write_vectors_folder(tmp_path / "v", x), tmp_path / "i", BuildOptions(precision="binary"),
                         texts=False)
     info = json.loads((built.output / "index.json").read_text())
     info["binary_rotation"]["probe"][3] += 1e-3
@@ -197,7 +176,7 @@ def test_cli_builds_and_shows_the_transform_and_refuses_a_bad_one_in_one_line(tm
     from embedkit.cli import app  # noqa: PLC0415
 
     runner = CliRunner()
-    vectors = write_vectors(tmp_path / "v", anisotropic()[0])
+    vectors = write_vectors_folder(tmp_path / "v", anisotropic()[0])
     for args, bits in (([], "(x - mean) @ R > 0 (R: random rotation, seed 0)"),
                        (["--binary-threshold", "median", "--no-binary-rotation"], "x - median > 0"),
                        (["--binary-threshold", "zero", "--no-binary-rotation"], "x > 0")):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedkit.io import json_digest, read_json, sha256_file
+from embedkit.io import atomic_save_npy, atomic_write_json, atomic_write_text, json_digest, read_json, sha256_file
 from embedkit.quantization import FLOAT_PRECISIONS, dequantize
 
 FORMAT = "embedkit-vectors"
@@ -148,3 +148,25 @@ def open_vectors(folder: str | os.PathLike, verify: bool = True) -> VectorSet:
             raise ValueError(f"Shard {shard_name(meta['shard'])} of {folder} is not usable: {problem}. Rerun the "
                              "`embedkit encode` command that made this folder: it re-encodes only that shard.")
     return VectorSet(folder, manifest)
+
+
+def write_vectors_folder(folder: str | os.PathLike, vectors: np.ndarray, job: str = "synthetic") -> Path:
+    """A finished one-shard float32 vectors folder of unit-length ``vectors`` (ids ``v0``, ``v1``, ...), as
+    ``embedkit encode`` lays it out: for vectors that come from no model (synthetic benchmarks, tests)."""
+    folder = Path(folder)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    vec, ids, meta = shard_paths(folder, 0)
+    vec.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_npy(vec, vectors)
+    atomic_write_text(ids, json.dumps([f"v{i}" for i in range(len(vectors))]))
+    shard = {"shard": 0, "rows": [0, len(vectors)], "count": len(vectors), "vectors": vec.name, "ids": ids.name,
+             "shape": list(vectors.shape), "dtype": "float32",
+             "bytes": {"vectors": vec.stat().st_size, "ids": ids.stat().st_size},
+             "sha256": {"vectors": sha256_file(vec), "ids": sha256_file(ids)}}
+    atomic_write_json(meta, {**shard, "job": job, "skipped_empty": 0, "skipped_ids": []})
+    atomic_write_json(folder / MANIFEST_FILE, {
+        "format": FORMAT, "version": FORMAT_VERSION, "job": job, "finished": "now",
+        "model": {"spec": job, "fingerprint": job, "config": {}}, "dimension": vectors.shape[1],
+        "dtype": "float32", "precision": "float32", "normalized": True, "metric": "ip", "count": len(vectors),
+        "skipped_empty": 0, "inputs": [], "reader": {}, "options": {}, "shards": [shard]})
+    return folder

@@ -83,7 +83,7 @@ async def _load(app: FastAPI, settings: ServeSettings, load: Loader, on_error) -
     # The model loads on the thread that will run it: torch's OpenMP runtime (libgomp) keeps a thread team per
     # thread that ran parallel work, and once a process has more OpenMP threads than cores, idle ones stop
     # spinning, so each of the hundreds of small kernels of a forward waits for a wake-up. A forward on another
-    # thread than the loading one took 1.6x as long on 2 cores (docs/serving.md).
+    # thread than the loading one is measurably slower (docs/serving.md).
     model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-model")
     try:
         embedder, index = await asyncio.get_running_loop().run_in_executor(model_thread, load)

@@ -54,8 +54,8 @@ class DynamicBatcher:
 
     ``rejoin_share``: when the model is free but fewer texts are queued than its last call answered, wait up to
     this share of that call's time for them. Clients that send again once answered come back while the event
-    loop sends the answers; without the wait a few early ones make a tiny call of their own (1 text in 54 ms
-    while the event loop answers the other 31, against ~4 ms per text in a 32-text call; docs/serving.md).
+    loop sends the answers; without the wait a few early ones make a tiny call of their own, far costlier per
+    text than a full one (docs/serving.md, "Where the time goes now").
     """
 
     def __init__(self, encode: Callable[[Tokenized], np.ndarray], *, max_wait: float = 0.005,

@@ -6,12 +6,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-# A merged batch of one-text requests has texts of random lengths. Padded, cut longest first into forwards of at
-# most 256 padded tokens, it wastes less on padding than one padded forward: random 32-text batches of TinyStories
-# sentences ran at 178 texts/s against 135 with encode's 2048, random 256-text ones at 222-244 against 115.
-# Packed (embedkit/packing.py), a forward costs its real tokens, so fewer, larger forwards pay less fixed cost per
-# forward: 1024 real tokens ran random 32-text batches at 236 texts/s against 212 with 256 (SmolLM2-135M, bf16,
-# 2-core EPYC; docs/serving.md).
+# A merged batch of one-text requests has texts of random lengths. Padded, small forwards (cut longest first) waste
+# less on padding than encode's 2048-token ones; packed (embedkit/packing.py), a forward costs its real tokens, so
+# fewer, larger forwards pay less fixed cost. Both budgets were measured: docs/serving.md.
 SERVE_MAX_BATCH_TOKENS = 256
 SERVE_PACKED_BATCH_TOKENS = 1024
 

@@ -2,10 +2,9 @@
 
 ``Embedder.encode`` spreads its batches over one single-threaded worker per core, which pays on a corpus
 (many full token-budget batches). A server's merged batch is usually small: 32 one-text requests are ~350
-tokens. Random TinyStories batches, 256-token forwards, SmolLM2-135M on 2 cores (docs/serving.md): 32 texts
-ran at 165 texts/s as forwards on both intra-op threads against 125 on two single-threaded workers, 16 texts
-at ~100 against 68; at 64 texts the two were even (180 / 183), at 128 workers won (198 / 217). So a merged
-batch gets parallel workers only when it fills a token budget per worker. Packed forwards (embedkit/packing.py)
+tokens; padded, such batches ran faster as forwards on all intra-op threads than on single-threaded workers
+until they filled a token budget per worker (docs/serving.md). So a padded merged batch gets parallel workers
+only when it fills a token budget per worker. Packed forwards (embedkit/packing.py)
 cost a batch's real tokens instead of its padded ones; the server uses them whenever the model allows.
 """
 
@@ -47,8 +46,8 @@ class ModelCall:
     def workers_for(self, tokenized: Tokenized) -> int:
         """Padded: ``workers`` for a batch with at least a full token budget per worker, else 1 (all intra-op
         threads). Packed: ``workers`` whenever each gets a text; the batch splits into equal real-token halves,
-        and single-threaded workers do not stall at every kernel when the event loop takes a core (32-text calls
-        inside the server: 228 texts/s against 172 as one forward on both threads; docs/serving.md)."""
+        and single-threaded workers do not stall at every kernel when the event loop takes a core (measured in
+        docs/serving.md)."""
         if self.packed:
             return max(1, min(self.workers, len(tokenized)))
         tokens = sum(map(len, tokenized.ids))

@@ -60,6 +60,20 @@ def set_mode(model: nn.Module, mode: str, *, verify: bool = True) -> None:
         verify_mode(model, mode)
 
 
+def use_eager_attention(model: nn.Module) -> bool:
+    """Switch an ``sdpa`` model to transformers' eager attention (matmul + softmax); True if it switched.
+
+    Two paths run faster on it on CPU (profiles in bench/README.md and docs/serving.md): compiled layers, since
+    inductor fuses eager attention with the rest of the layer while sdpa's CPU kernel stays opaque to it; and
+    packed rows, whose explicit 4-D masks make sdpa's CPU kernel slower than a plain matmul + softmax.
+    Re-probe the attention mode afterwards (``Embedder.use_eager_attention`` does).
+    """
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    model.set_attn_implementation("eager")
+    return True
+
+
 def additive_mask(
     attention_mask: torch.Tensor, *, causal: bool, dtype: torch.dtype
 ) -> torch.Tensor:

@@ -24,18 +24,6 @@ GRAPHS_PER_LAYER = 8  # shape variants each layer may keep (batch or length 1 sp
 INDUCTOR_OPTIONS = {"cpp_wrapper": True}
 
 
-def use_compilable_attention(model: nn.Module) -> bool:
-    """Switch an ``sdpa`` model to transformers' eager attention (matmul + softmax); True if it switched.
-
-    Inductor compiles eager attention with the rest of the layer, while sdpa's CPU flash kernel stays opaque
-    to it, so it would stay the largest unfused part of a compiled forward (bench/README.md has the profile).
-    """
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
-        return False
-    model.set_attn_implementation("eager")
-    return True
-
-
 def compile_decoder_layers(model: nn.Module) -> int:
     """Compile every decoder layer of ``model`` in place; returns how many layers were compiled.
 

@@ -35,7 +35,7 @@ from embedkit.batching import (
     run_batches,
     tokenize,
 )
-from embedkit.compilation import compile_decoder_layers, use_compilable_attention
+from embedkit.compilation import compile_decoder_layers
 from embedkit.embedder_config import CONFIG_FILE, EmbedderConfig
 from embedkit.io import atomic_write_dir
 from embedkit.method_registry import apply_methods
@@ -128,14 +128,21 @@ class Embedder(nn.Module):
     def compile_layers(self) -> Embedder:
         """Compile the decoder layers with ``torch.compile`` (fused element-wise kernels: faster long encodes
         on CPU; the first batches pay the compile). Weights, state dict and fingerprint are unchanged; sdpa
-        attention becomes eager attention, which compiles (see ``use_compilable_attention``)."""
+        attention becomes eager attention, which compiles (``use_eager_attention``)."""
         if self.forward_hook is not None:
             raise ValueError("compile_layers() does not apply under a forward hook (e.g. Token Prepending, GEM): "
                              "the hook's per-call module hooks would recompile every batch. Encode uncompiled.")
-        if use_compilable_attention(self.backbone):
-            self.set_attention(self.config.attention)  # re-probe the mode under the new attention implementation
+        self.use_eager_attention()
         compile_decoder_layers(self.backbone)
         return self
+
+    def use_eager_attention(self) -> bool:
+        """Run sdpa attention as eager matmul + softmax (``attention.use_eager_attention`` says when that is
+        faster), re-probing the attention mode under it; True if it switched."""
+        if not attn.use_eager_attention(self.backbone):
+            return False
+        self.set_attention(self.config.attention)
+        return True
 
     def set_attention(self, mode: str) -> None:
         """Switch causal <-> bidirectional on the loaded model (verified by a probe)."""

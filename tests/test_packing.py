@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from embedkit import Embedder
+from embedkit import attention as attn
 from embedkit.batching import Tokenized, collate
 from embedkit.methods.soft_mask import soft_mask_bias
 from embedkit.methods.token_prepending import enable_token_prepending
@@ -151,11 +152,17 @@ def test_a_model_that_ignores_position_ids_is_not_packed(monkeypatch):
 
 
 def test_the_server_packs_when_the_model_allows(stories_path):
-    embedder = Embedder.from_pretrained(stories_path, dtype="float32", max_length=64)
-    call = ModelCall.build(embedder, packed=True, max_batch_tokens=None, workers=2)
-    assert (call.packed, call.max_batch_tokens) == (True, 1024)
+    embedder = Embedder.from_pretrained(stories_path, dtype="float32", max_length=64, attention="bidirectional")
+    padded = embedder.encode(texts := random_texts(9))
     call = ModelCall.build(embedder, packed=False, max_batch_tokens=None, workers=2)
     assert (call.packed, call.max_batch_tokens) == (False, 256)
+    assert embedder.backbone.config._attn_implementation == "sdpa"  # padded forwards keep sdpa
+    call = ModelCall.build(embedder, packed=True, max_batch_tokens=None, workers=2)
+    assert (call.packed, call.max_batch_tokens) == (True, 1024)
+    # packed on CPU: eager attention (faster on 4-D masks), the mode re-probed, the same vectors
+    assert embedder.backbone.config._attn_implementation == "eager"
+    assert attn.get_mode(embedder.backbone) == "bidirectional"
+    assert cosines(padded, call(embedder.tokenize(texts))).min() >= 0.9999
     enable_token_prepending(embedder, start_layer=1, end_layer=2)
     call = ModelCall.build(embedder, packed=True, max_batch_tokens=300, workers=2)
     assert (call.packed, call.max_batch_tokens) == (False, 300)

@@ -34,10 +34,15 @@ class ModelCall:
     @classmethod
     def build(cls, embedder, *, packed: bool, max_batch_tokens: int | None, workers: int) -> ModelCall:
         """Packed forwards when asked for and the model allows it (else padded, and the log says why), each with
-        its default budget unless one is given. Run it on the model's thread: the packing probe runs the model."""
+        its default budget unless one is given. Run it on the model's thread: the packing probe runs the model.
+        On CPU, packed forwards run sdpa attention as eager matmul + softmax: faster on their 4-D masks."""
         reason = packing_blocker(embedder, embedder.config.max_length) if packed else "packing is switched off"
+        switched = reason is None and embedder.device.type == "cpu" and embedder.use_eager_attention()
+        if switched:
+            reason = packing_blocker(embedder, embedder.config.max_length)  # the probe, under eager attention
         if reason is None:
-            logger.info("forwards: packed, %d-token rows", DEFAULT_ROW_TOKENS)
+            logger.info("forwards: packed, %d-token rows%s", DEFAULT_ROW_TOKENS,
+                        ", eager attention" if switched else "")
         else:
             logger.info("forwards: padded (%s)", reason)
         default = SERVE_PACKED_BATCH_TOKENS if reason is None else SERVE_MAX_BATCH_TOKENS

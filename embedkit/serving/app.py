@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -29,7 +30,7 @@ from embedkit.serving.errors import APIError, install_error_handlers
 from embedkit.serving.middleware import RequestContext
 from embedkit.serving.model_call import ModelCall
 from embedkit.serving.schemas import EmbeddingRequest, SearchRequest, usage
-from embedkit.serving.vectors import to_base64, truncate_dimensions
+from embedkit.serving.vectors import VectorsResponse, to_base64, truncate_dimensions
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ async def _models(request: Request) -> dict:
                                         "created": state.started, "owned_by": "embedkit"}]}
 
 
-async def _embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
+async def _embeddings(body: EmbeddingRequest, request: Request) -> VectorsResponse:
     settings: ServeSettings = request.app.state.settings
     loaded = _ready(request)
     _check_model_name(body.model, settings)
@@ -153,14 +154,15 @@ async def _embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
     tokenized = await _tokenize(loaded, texts, _instruction(body, loaded.embedder.config), "input", settings)
     vectors = await _encode(loaded, tokenized, settings)
     vectors = truncate_dimensions(vectors, dimensions, renormalize=loaded.embedder.config.normalize)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     as_base64 = body.encoding_format == "base64"
-    data = [{"object": "embedding", "index": i, "embedding": to_base64(v) if as_base64 else v.tolist()}
+    data = [{"object": "embedding", "index": i, "embedding": to_base64(v) if as_base64 else v}
             for i, v in enumerate(vectors)]
-    return JSONResponse({"object": "list", "data": data, "model": settings.model_name,
-                         "usage": usage(sum(map(len, tokenized.ids)))})
+    return VectorsResponse({"object": "list", "data": data, "model": settings.model_name,
+                            "usage": usage(sum(map(len, tokenized.ids)))})
 
 
-async def _search(body: SearchRequest, request: Request) -> JSONResponse:
+async def _search(body: SearchRequest, request: Request) -> VectorsResponse:
     settings: ServeSettings = request.app.state.settings
     loaded = _ready(request)
     if loaded.index is None:
@@ -180,8 +182,8 @@ async def _search(body: SearchRequest, request: Request) -> JSONResponse:
                                       nprobe=body.nprobe)
     data = [{"object": "search_result", "index": i, "hits": [hit.to_dict() for hit in hits]}
             for i, hits in enumerate(results)]
-    return JSONResponse({"object": "list", "data": data, "model": settings.model_name,
-                         "usage": usage(sum(map(len, tokenized.ids)))})
+    return VectorsResponse({"object": "list", "data": data, "model": settings.model_name,
+                            "usage": usage(sum(map(len, tokenized.ids)))})
 
 
 # -- helpers of the routes ----------------------------------------------------------------------------------------

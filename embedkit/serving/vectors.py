@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 
 import numpy as np
+import orjson
+from fastapi.responses import JSONResponse
 
 from embedkit.quantization import truncate_dimensions  # noqa: F401  (re-exported: the one Matryoshka cut)
 
@@ -17,3 +19,15 @@ def to_base64(vector: np.ndarray) -> str:
 def from_base64(text: str) -> np.ndarray:
     """The inverse of ``to_base64`` (what OpenAI clients do with the string)."""
     return np.frombuffer(base64.b64decode(text), dtype="<f4")
+
+
+class VectorsResponse(JSONResponse):
+    """JSON written by orjson, with numpy arrays as lists of their float32 values.
+
+    The standard json module spent ~0.2 ms per 576-d vector writing float64 reprs, the event loop's largest
+    cost per one-text request (docs/serving.md); orjson writes each float32's shortest digits (~17x faster,
+    half the bytes), which parse back to the same float32.
+    """
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)

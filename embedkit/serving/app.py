@@ -30,7 +30,7 @@ from embedkit.serving.errors import APIError, install_error_handlers
 from embedkit.serving.middleware import RequestContext
 from embedkit.serving.model_call import ModelCall
 from embedkit.serving.schemas import EmbeddingRequest, SearchRequest, usage
-from embedkit.serving.vectors import VectorsResponse, to_base64, truncate_dimensions
+from embedkit.serving.vectors import ORJSONResponse, to_base64, truncate_dimensions
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ async def _models(request: Request) -> dict:
                                         "created": state.started, "owned_by": "embedkit"}]}
 
 
-async def _embeddings(body: EmbeddingRequest, request: Request) -> VectorsResponse:
+async def _embeddings(body: EmbeddingRequest, request: Request) -> ORJSONResponse:
     settings: ServeSettings = request.app.state.settings
     loaded = _ready(request)
     _check_model_name(body.model, settings)
@@ -158,11 +158,11 @@ async def _embeddings(body: EmbeddingRequest, request: Request) -> VectorsRespon
     as_base64 = body.encoding_format == "base64"
     data = [{"object": "embedding", "index": i, "embedding": to_base64(v) if as_base64 else v}
             for i, v in enumerate(vectors)]
-    return VectorsResponse({"object": "list", "data": data, "model": settings.model_name,
+    return ORJSONResponse({"object": "list", "data": data, "model": settings.model_name,
                             "usage": usage(sum(map(len, tokenized.ids)))})
 
 
-async def _search(body: SearchRequest, request: Request) -> VectorsResponse:
+async def _search(body: SearchRequest, request: Request) -> ORJSONResponse:
     settings: ServeSettings = request.app.state.settings
     loaded = _ready(request)
     if loaded.index is None:
@@ -182,7 +182,7 @@ async def _search(body: SearchRequest, request: Request) -> VectorsResponse:
                                       nprobe=body.nprobe)
     data = [{"object": "search_result", "index": i, "hits": [hit.to_dict() for hit in hits]}
             for i, hits in enumerate(results)]
-    return VectorsResponse({"object": "list", "data": data, "model": settings.model_name,
+    return ORJSONResponse({"object": "list", "data": data, "model": settings.model_name,
                             "usage": usage(sum(map(len, tokenized.ids)))})
 
 

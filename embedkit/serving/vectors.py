@@ -21,12 +21,12 @@ def from_base64(text: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype="<f4")
 
 
-class VectorsResponse(JSONResponse):
-    """JSON written by orjson, with numpy arrays as lists of their float32 values.
+class ORJSONResponse(JSONResponse):
+    """JSON written by orjson, numpy arrays as lists of their float32 values.
 
-    The standard json module spent ~0.2 ms per 576-d vector writing float64 reprs, the event loop's largest
-    cost per one-text request (docs/serving.md); orjson writes each float32's shortest digits (~17x faster,
-    half the bytes), which parse back to the same float32.
+    The standard json module writes each float as a float64 repr, slowly, on the event loop that shares the cores
+    with the model (docs/serving.md measures it); orjson writes each float32's shortest digits, which parse back to
+    the same float32.
     """
 
     def render(self, content) -> bytes:

@@ -70,17 +70,17 @@ KILLER = textwrap.dedent("""
     import os, signal, sys
     from embedkit import Embedder
     from embedkit.corpus import encode_corpus
-    import embedkit.corpus.encode as enc
+    import embedkit.corpus.manifest as manifest  # write_shard writes the shard's metadata
     corpus, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
     e = Embedder.from_pretrained({stories!r}, dtype="float32", max_length=48)
     if mode == "mid-shard":  # die after shard 1's vectors and ids are in place but before its metadata
-        real = enc.atomic_write_json
+        real = manifest.atomic_write_json
         def dying(path, obj, **kw):
             if str(path).endswith("shard-00001.json"):
                 open(str(path.parent / ".shard-00001.json.tmp-x"), "w").write("{{")  # a torn temp file too
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(path, obj, **kw)
-        enc.atomic_write_json = dying
+        manifest.atomic_write_json = dying
         hook = None
     else:  # die right after the first shard is finished
         hook = lambda number, meta: os.kill(os.getpid(), signal.SIGKILL)

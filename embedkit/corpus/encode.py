@@ -10,7 +10,6 @@ last, so after a kill -9 a rerun keeps the verified shards and encodes the rest.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -28,19 +27,18 @@ from embedkit.corpus.manifest import (
     SHARDS_DIR,
     VECTOR_DTYPES,
     job_key,
+    manifest_shard,
     shard_name,
     shard_paths,
     shard_problem,
+    write_shard,
 )
 from embedkit.corpus.readers import ReaderOptions, Record, check_inputs, read_records
 from embedkit.distributed import launch_rank
 from embedkit.io import (
-    atomic_save_npy,
     atomic_write_json,
-    atomic_write_text,
     read_json,
     remove_stale_temps,
-    sha256_file,
 )
 from embedkit.quantization import SCALAR_PRECISIONS, check_precision, quantize
 
@@ -99,22 +97,10 @@ class _ShardWriter:
         if vectors.dtype == np.float16 and not np.isfinite(vectors).all():
             raise ValueError(f"Shard {number}: vectors overflow float16 (un-normalised values above 65504); use "
                              "--vector-dtype float32.")
-        vec_path, ids_path, meta_path = shard_paths(self.folder, number)
-        remove_stale_temps(vec_path.parent, shard_name(number))
-        atomic_save_npy(vec_path, vectors)
-        atomic_write_text(ids_path, json.dumps([r.id for r in keep], ensure_ascii=False))
-        meta = {
-            "shard": number, "job": self.key,
-            "rows": [records[0].row, records[-1].row + 1],
-            "count": len(keep), "skipped_empty": len(records) - len(keep),
-            "skipped_ids": [r.id for r in records if r.empty],
-            "vectors": vec_path.name, "ids": ids_path.name,
-            "shape": list(vectors.shape), "dtype": str(vectors.dtype),
-            "bytes": {"vectors": vec_path.stat().st_size, "ids": ids_path.stat().st_size},
-            "sha256": {"vectors": sha256_file(vec_path), "ids": sha256_file(ids_path)},
-        }
-        atomic_write_json(meta_path, meta)
-        return meta
+        remove_stale_temps(shard_paths(self.folder, number)[0].parent, shard_name(number))
+        return write_shard(self.folder, number, vectors, [r.id for r in keep], job=self.key,
+                           rows=[records[0].row, records[-1].row + 1],
+                           skipped_ids=[r.id for r in records if r.empty])
 
 
 def _finished_shard(folder: Path, number: int, key: str) -> dict | None:
@@ -145,8 +131,7 @@ def _merge(folder: Path, job: dict, key: str) -> dict | None:
         "skipped_empty": len(skipped),
         "skipped_ids_sample": skipped[:20],
         **({"ranges": calibration["ranges"], "calibration_rows": calibration["rows"]} if calibration else {}),
-        "shards": [{k: m[k] for k in ("shard", "rows", "count", "vectors", "ids", "shape", "dtype", "bytes", "sha256")}
-                   for m in metas],
+        "shards": [manifest_shard(m) for m in metas],
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_json(folder / MANIFEST_FILE, manifest)

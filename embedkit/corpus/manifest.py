@@ -45,6 +45,29 @@ def shard_paths(folder: Path, number: int) -> tuple[Path, Path, Path]:
     return base.with_suffix(".npy"), base.with_name(base.name + ".ids.json"), base.with_suffix(".json")
 
 
+def write_shard(folder: Path, number: int, vectors: np.ndarray, ids: list[str], *, job: str, rows: list[int],
+                skipped_ids: list[str]) -> dict:
+    """Write shard ``number``'s vectors and ids, then its metadata (last: its presence means the shard is whole)."""
+    vec_path, ids_path, meta_path = shard_paths(folder, number)
+    atomic_save_npy(vec_path, vectors)
+    atomic_write_text(ids_path, json.dumps(ids, ensure_ascii=False))
+    meta = {
+        "shard": number, "job": job, "rows": rows,
+        "count": len(ids), "skipped_empty": len(skipped_ids), "skipped_ids": skipped_ids,
+        "vectors": vec_path.name, "ids": ids_path.name,
+        "shape": list(vectors.shape), "dtype": str(vectors.dtype),
+        "bytes": {"vectors": vec_path.stat().st_size, "ids": ids_path.stat().st_size},
+        "sha256": {"vectors": sha256_file(vec_path), "ids": sha256_file(ids_path)},
+    }
+    atomic_write_json(meta_path, meta)
+    return meta
+
+
+def manifest_shard(meta: dict) -> dict:
+    """What the manifest keeps of a shard's metadata (not the job key or the skipped ids)."""
+    return {k: meta[k] for k in ("shard", "rows", "count", "vectors", "ids", "shape", "dtype", "bytes", "sha256")}
+
+
 def job_key(job: dict) -> str:
     """A short hash of a job's identity; shards carry it so a shard of another job is never taken as ours."""
     identity = {k: job[k] for k in ("model", "inputs", "reader", "options")}
@@ -155,18 +178,12 @@ def write_vectors_folder(folder: str | os.PathLike, vectors: np.ndarray, job: st
     ``embedkit encode`` lays it out: for vectors that come from no model (synthetic benchmarks, tests)."""
     folder = Path(folder)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    vec, ids, meta = shard_paths(folder, 0)
-    vec.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_npy(vec, vectors)
-    atomic_write_text(ids, json.dumps([f"v{i}" for i in range(len(vectors))]))
-    shard = {"shard": 0, "rows": [0, len(vectors)], "count": len(vectors), "vectors": vec.name, "ids": ids.name,
-             "shape": list(vectors.shape), "dtype": "float32",
-             "bytes": {"vectors": vec.stat().st_size, "ids": ids.stat().st_size},
-             "sha256": {"vectors": sha256_file(vec), "ids": sha256_file(ids)}}
-    atomic_write_json(meta, {**shard, "job": job, "skipped_empty": 0, "skipped_ids": []})
+    (folder / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    meta = write_shard(folder, 0, vectors, [f"v{i}" for i in range(len(vectors))], job=job, rows=[0, len(vectors)],
+                       skipped_ids=[])
     atomic_write_json(folder / MANIFEST_FILE, {
         "format": FORMAT, "version": FORMAT_VERSION, "job": job, "finished": "now",
         "model": {"spec": job, "fingerprint": job, "config": {}}, "dimension": vectors.shape[1],
         "dtype": "float32", "precision": "float32", "normalized": True, "metric": "ip", "count": len(vectors),
-        "skipped_empty": 0, "inputs": [], "reader": {}, "options": {}, "shards": [shard]})
+        "skipped_empty": 0, "inputs": [], "reader": {}, "options": {}, "shards": [manifest_shard(meta)]})
     return folder

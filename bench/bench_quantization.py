@@ -6,6 +6,7 @@ each rescoring depth.
     python bench/bench_quantization.py msmarco --setup prompteol --cache /tmp/ek-binary  # causal, last token, PromptEOL
     python bench/bench_quantization.py msmarco --model ../shared/models/stories260K   # a tiny model, a smoke run
     python bench/bench_quantization.py synthetic    # 200k x 256 clustered vectors (bench_encode_index.py's set)
+    python bench/bench_quantization.py synthetic --n 1000000 --depths 0 4 10 20 50 100   # the issue's 1M x 256 set
     python bench/bench_quantization.py report       # rewrite the markdown from the JSON
 
 Binary bits are sentence-transformers' of ``(x - t) @ R`` (``embedkit/index/compact.py``): ``t`` zero, the corpus mean
@@ -97,11 +98,12 @@ def build(vectors_dir: Path, folder: Path, **options) -> tuple[object, dict]:
     rotation = index.info.get("binary_rotation")
     return index, {"type": index.index_type, "bytes_per_vector": index.info["bytes_per_vector"],
                    "rotation_bytes": index.dimension ** 2 * 4 if rotation else 0,
+                   "rescore_multiplier": index.info.get("rescore_multiplier", 0),  # calibrated at build (binary)
                    "build_seconds": round(time.perf_counter() - began, 1)}
 
 
 def run_variants(vectors_dir: Path, work: Path, queries: np.ndarray, qps: bool, extra=None,
-                 probe: bool = False) -> dict:
+                 probe: bool = False, depths: tuple[int, ...] = DEPTHS) -> dict:
     """float32 (the truth) and int8 baselines, then one binary index per bit transform at each rescoring depth."""
     float_index, _ = build(vectors_dir, work / "float32", index_type="flat")
     _, truth = float_index.search_vectors(queries, 10, rescore_multiplier=0)
@@ -115,17 +117,20 @@ def run_variants(vectors_dir: Path, work: Path, queries: np.ndarray, qps: bool, 
         index, facts = build(vectors_dir, work / f"binary-{threshold}-{rotation}", precision="binary",
                              binary_threshold=threshold, binary_rotation=rotation)
         binary[label] = {**facts, "depths": {str(m): measure(index, queries, truth, m, qps, extra, probes)
-                                             for m in DEPTHS}}
+                                             for m in depths}}
+        calibrated = facts["rescore_multiplier"]  # what a search gets by default: the depth build calibrated
+        binary[label]["calibrated"] = binary[label]["depths"].get(str(calibrated)) or measure(
+            index, queries, truth, calibrated, qps, extra, probes)
     return {"baselines": baselines, "binary": binary}
 
 
-def synthetic(n: int, d: int, qps: bool) -> dict:
+def synthetic(n: int, d: int, qps: bool, depths: tuple[int, ...] = DEPTHS) -> dict:
     from bench_encode_index import synthetic as clustered  # noqa: PLC0415
 
     rows = clustered("clustered", n + 1000, d, seed=7)
     with tempfile.TemporaryDirectory(dir=REPO / "bench" / "results") as tmp:
         write_vectors_folder(Path(tmp) / "vectors", rows[:n])
-        variants = run_variants(Path(tmp) / "vectors", Path(tmp), rows[n:], qps)
+        variants = run_variants(Path(tmp) / "vectors", Path(tmp), rows[n:], qps, depths=depths)
     return {"n": n, "d": d, "queries": 1000, "variants": variants}
 
 
@@ -206,22 +211,26 @@ def write_report(results: dict) -> None:
             lines.append(f"| {label} | {v['type']} | {v['recall_at_10']:.3f} | {_cell(v, 'probe_recall_at_10')} | "
                          f"{_cell(v, 'ndcg_at_10', '{:.4f}')} | {v['bytes_per_vector']} | "
                          f"{base / v['bytes_per_vector']:.1f}x less | {_cell(v, 'qps', '{:,}')} |")
-        head = " | ".join(f"{m}x" if m else "none" for m in DEPTHS)
+        depths = sorted(map(int, next(iter(variants["binary"].values()))["depths"]))  # as measured
+        head = " | ".join(f"{m}x" if m else "none" for m in depths)
         timed = any("qps" in d for v in variants["binary"].values() for d in v["depths"].values())
         lines += ["", f"Binary ({next(iter(variants['binary'].values()))['type']}, "
                   f"{next(iter(variants['binary'].values()))['bytes_per_vector']} bytes per vector, "
                   f"{base / next(iter(variants['binary'].values()))['bytes_per_vector']:.1f}x less than float32), "
                   "by bit transform and rescoring depth:", "",
                   f"| bits of | recall@10 vs exact: {head} | probe recall@10: {head} | nDCG@10: {head} | "
-                  "rotation RAM |" + (f" queries/s: {head} |" if timed else ""),
-                  "|---|" + "---|" * ((4 if timed else 3) * len(DEPTHS) + 1)]
+                  "rotation RAM | calibrated depth: recall@10 |" + (f" queries/s: {head} |" if timed else ""),
+                  "|---|" + "---|" * ((4 if timed else 3) * len(depths) + 2)]
         for label, v in variants["binary"].items():
-            cells = [" | ".join(_cell(v["depths"][str(m)], key, fmt) for m in DEPTHS)
+            cells = [" | ".join(_cell(v["depths"][str(m)], key, fmt) for m in depths)
                      for key, fmt in (("recall_at_10", "{:.3f}"), ("probe_recall_at_10", "{:.3f}"),
                                       ("ndcg_at_10", "{:.4f}"))]
             ram = f"{v['rotation_bytes'] / 2**20:.2f} MB" if v["rotation_bytes"] else "-"
-            timing = " | ".join(_cell(v["depths"][str(m)], "qps", "{:,}") for m in DEPTHS)
-            lines.append(f"| {label} | {' | '.join(cells)} | {ram} |" + (f" {timing} |" if timed else ""))
+            timing = " | ".join(_cell(v["depths"][str(m)], "qps", "{:,}") for m in depths)
+            calibrated = (f"{v['rescore_multiplier']}x: {v['calibrated']['recall_at_10']:.3f}"
+                          if "calibrated" in v else "-")
+            lines.append(f"| {label} | {' | '.join(cells)} | {ram} | {calibrated} |"
+                         + (f" {timing} |" if timed else ""))
         lines.append("")
     atomic_write_text(REPORT, "\n".join(lines))
 
@@ -247,9 +256,11 @@ def main() -> None:
     p.add_argument("--setup", choices=list(SETUPS), default="mean", help="msmarco: causal mean, or PromptEOL")
     p.add_argument("--cache", type=Path, help="msmarco: keep the encoded vectors and queries here, reuse them")
     p.add_argument("--qps", action="store_true", help="time the searches (run under the exclusive CPU lock)")
+    p.add_argument("--depths", type=int, nargs="+", default=list(DEPTHS), help="synthetic: binary rescoring depths")
     args = p.parse_args()
     if args.part == "synthetic":
-        save("synthetic", synthetic(args.n, args.d, args.qps))
+        key = "synthetic" if (args.n, args.d) == (200_000, 256) else f"synthetic-{args.n}x{args.d}"  # keep both
+        save(key, synthetic(args.n, args.d, args.qps, tuple(args.depths)))
     elif args.part == "encode":  # fill the cache only
         with tempfile.TemporaryDirectory(dir=REPO / "bench" / "results") as tmp:
             print(encoded(args.model, args.setup, args.max_length, args.cache, Path(tmp))[2])

@@ -10,7 +10,9 @@ import pytest
 
 from embedkit import Embedder, Index
 from embedkit.corpus import encode_corpus, open_vectors
+from embedkit.corpus.manifest import write_vectors_folder
 from embedkit.index import BuildOptions, build_faiss, build_index, choose_type, exact_knn
+from embedkit.index.calibrate import RESCORE_DEPTHS, calibration_probes, recall
 from embedkit.quantization import calibration_ranges, truncate_dimensions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -174,8 +176,10 @@ def test_cli_precision_dimensions_and_rescore_multiplier(tmp_path, vectors, text
     result = runner.invoke(app, ["index", "build", str(out), "--output", str(idx), "--precision", "binary",
                                  "--dimensions", "16"])
     assert result.exit_code == 0 and "binary_flat (BFlat, ip) over 100 vectors x 16" in result.output, result.output
+    assert "; rescoring 20 x k gives recall@10 1.000 on 100 corpus probes;" in result.output, result.output
     result = runner.invoke(app, ["index", "info", str(idx)])
     assert result.exit_code == 0 and "binary, 2.33 bytes per vector, rescoring 20 x k" in result.output, result.output
+    assert "recall@10  1.000 rescored (" in result.output  # 20 x 10 candidates are all 100 rows: calibration stops
     result = runner.invoke(app, ["search", str(idx), texts[5], "-k", "3", "--json", "--rescore-multiplier", "40"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["results"][0]["hits"][0]["id"] == "d5"
@@ -194,3 +198,25 @@ def test_cli_precision_dimensions_and_rescore_multiplier(tmp_path, vectors, text
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert result.exit_code == 2 and len(errors) == 1 and message in errors[0], result.output
         assert "Traceback" not in result.output
+
+
+def test_binary_rescoring_depth_is_the_smallest_that_reaches_the_target_recall(tmp_path):
+    """index.json's rescoring depth is calibrated from the type's least depth (20) up, and searching the probes
+    through ``Index.search_vectors`` gives the recall calibration recorded (the two share one search path)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((20, 32))[rng.integers(0, 20, 2000)] + rng.standard_normal((2000, 32))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    folder = write_vectors_folder(tmp_path / "v", x)
+    queries, truth = calibration_probes(x, "ip")
+    depths = {}
+    for target in (0.5, 0.95):
+        built = build_index(folder, tmp_path / f"i{target}", BuildOptions(precision="binary", target_recall=target),
+                            texts=False)
+        curve = built.info["calibration"]["rescore_curve"]
+        depths[target] = built.info["rescore_multiplier"]
+        assert [depth for depth, _ in curve] == [d for d in RESCORE_DEPTHS if d >= 20][:len(curve)]  # 20: the floor
+        assert curve[-1][0] == depths[target]
+        assert all(reached < target for _, reached in curve[:-1]) and curve[-1][1] >= target
+        _, found = Index.load(built.output).search_vectors(queries, 10)  # the index's own depth
+        assert recall(found, truth) == curve[-1][1]
+    assert depths == {0.5: 20, 0.95: 50}  # the binary types' least depth, and past it where the probes need it

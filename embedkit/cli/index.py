@@ -97,7 +97,9 @@ def index_info(index_dir: Annotated[str, typer.Argument(help="An index folder.")
             "bits": _describe_bits(info) if info.get("precision") in ("binary", "ubinary") else None,
             "model": f"{info['model']['spec']} (fingerprint {info['model']['fingerprint']})",
             "search": ", ".join(f"{k}={v}" for k, v in info["search"].items()) or "exact",
-            "recall@10": f"{cal['recall_at_10']:.3f} on {cal['probes']} corpus probes",
+            "recall@10": (f"{cal['rescore_recall_at_10']:.3f} rescored ({cal['recall_at_10']:.3f} without) on "
+                          if "rescore_recall_at_10" in cal else f"{cal['recall_at_10']:.3f} on ")
+                         + f"{cal['probes']} corpus probes",
             "texts": "yes" if info["texts"] else f"no ({info.get('texts_note')})",
         }
         for key, value in rows.items():
@@ -116,8 +118,8 @@ def search(
     nprobe: Annotated[int, typer.Option(help="IVF lists to visit (default: calibrated).")] = None,
     k_factor: Annotated[int, typer.Option(help="IVF-PQ exact re-ranking depth (default: calibrated).")] = None,
     rescore_multiplier: Annotated[int, typer.Option(help="Compact indexes: rescore this many times k candidates "
-                                                    "with the float vectors (default: the index's, 4 for binary; "
-                                                    "0 = off).")] = None,
+                                                    "with the float vectors (default: the index's: calibrated at "
+                                                    "build for binary, off for others; 0 = off).")] = None,
     model: Annotated[str, typer.Option(help="Query model (default: the one that encoded the corpus).")] = None,
     check_model: Annotated[bool, typer.Option("--check-model/--no-check-model", help="Refuse a --model "
                                               "whose fingerprint differs from the index's.")] = True,

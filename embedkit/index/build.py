@@ -122,7 +122,7 @@ def build_faiss(vectors, options: BuildOptions | None = None, metric: str = "ip"
     info = {
         "type": kind.name, "factory": factory, "metric": metric, "count": int(index.ntotal),
         "dimension": source.dimension, "train_rows": train_rows, "precision": options.precision,
-        "rescore_multiplier": kind.rescore_multiplier, **facts,
+        "rescore_multiplier": calibration.get("rescore_multiplier", kind.rescore_multiplier), **facts,
         "search": calibration["settings"],
         "calibration": calibration,
         "locality_order": order_info,
@@ -158,6 +158,9 @@ class BuildResult:
         settings = ", ".join(f"{k}={v}" for k, v in cal["settings"].items())
         tuned = (f"; {settings} gives recall@10 {cal['recall_at_10']:.3f} on {cal['probes']} corpus probes"
                  if settings else "")
+        if "rescore_recall_at_10" in cal:
+            tuned += (f"; rescoring {info['rescore_multiplier']} x k gives recall@10 {cal['rescore_recall_at_10']:.3f}"
+                      f" on {cal['probes']} corpus probes")
         texts = "with texts" if self.texts else f"without texts ({self.note})"
         return (f"Built {self.output}: {info['type']} ({info['factory']}, {info['metric']}) over {info['count']} "
                 f"vectors x {info['dimension']} in {info['seconds']['total']:.1f} s{tuned}; {texts}.")

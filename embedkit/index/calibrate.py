@@ -2,6 +2,8 @@
 
 FAISS leaves ``efSearch`` / ``nprobe`` (/ the re-ranking depth) to the user; we measure them instead, on probe
 queries made from the corpus itself, so an index ships with search settings that were measured, not guessed.
+Compact indexes that rescore by default (binary) get their rescoring depth measured the same way: how many
+candidates a query needs grows with the corpus (bench/README.md, "Compact indexes").
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import logging
 import numpy as np
 
 from embedkit.index.registry import IndexType
+from embedkit.index.rescore import rescore
 from embedkit.index.source import VectorSource, exact_knn
 
 logger = logging.getLogger(__name__)
 
 PROBES = 200
 CALIBRATION_K = 10
+RESCORE_DEPTHS = (4, 10, 20, 50, 100)  # rescoring depths tried (x k candidates), from the type's default up
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -76,7 +80,8 @@ def _search_steps(index, kind: IndexType, measure, target: float) -> dict | None
 def calibrate(index, kind: IndexType, source, metric: str, target: float, seed: int = 0,
               probes: int = PROBES) -> dict:
     """Cheapest search settings of ``index`` (of type ``kind``) whose recall@10 against exact search reaches
-    ``target`` on corpus probes; every point measured is kept in ``curve``."""
+    ``target`` on corpus probes; every point measured is kept in ``curve``. For a type that rescores by default,
+    also the smallest rescoring depth that reaches it (``rescore_multiplier``, its points in ``rescore_curve``)."""
     source = VectorSource.of(source)
     queries, truth = calibration_probes(source, metric, seed, probes)
     k = truth.shape[1]
@@ -91,12 +96,53 @@ def calibrate(index, kind: IndexType, source, metric: str, target: float, seed: 
         return value
 
     if not kind.knobs:
-        return {"settings": {}, "recall_at_10": round(measure({}), 4), "probes": len(queries)}
-    best = _search_steps(index, kind, measure, target)
-    if best is None:  # target not reached: the most accurate setting seen (PQ recall can fall with nprobe)
-        best = max(curve, key=lambda point: point[1])[0]
-    reached = next(r for s, r in reversed(curve) if s == best)
+        result = {"settings": {}, "recall_at_10": round(measure({}), 4), "probes": len(queries)}
+    else:
+        best = _search_steps(index, kind, measure, target)
+        if best is None:  # target not reached: the most accurate setting seen (PQ recall can fall with nprobe)
+            best = max(curve, key=lambda point: point[1])[0]
+        reached = next(r for s, r in reversed(curve) if s == best)
+        if reached < target and not kind.rescore_multiplier:
+            logger.warning("Calibration: %s reaches recall@10 %.3f only (target %.2f); searches use it.", best,
+                           reached, target)
+        result = {"settings": best, "recall_at_10": reached, "probes": len(queries), "target": target,
+                  "curve": curve}
+    if kind.rescore_multiplier:
+        result.update(_rescoring_depth(index, kind, source, metric, target, result["settings"], queries, truth))
+    return result
+
+
+class _SourceRows:
+    """``rescore``'s view of the rows being indexed (the vectors folder is read the same way at search time)."""
+
+    def __init__(self, source: VectorSource):
+        self.source = source
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        return self.source.take(positions)
+
+
+def _rescoring_depth(index, kind: IndexType, source: VectorSource, metric: str, target: float, settings: dict,
+                     queries: np.ndarray, truth: np.ndarray) -> dict:
+    """The smallest of ``RESCORE_DEPTHS`` from the type's default up whose rescored recall@10 reaches ``target``
+    (else the deepest, with a warning), searched as ``Index.search_vectors`` does: depth x k candidates, reordered
+    by float scores. The default is a floor: on an LLM's MSMARCO vectors the probes flattered the real queries
+    below it (bench/README.md, "Compact indexes"); on dense clustered sets they ask for more, and get it."""
+    k = truth.shape[1]
+    curve: list[list] = []
+    for depth in (d for d in RESCORE_DEPTHS if d >= kind.rescore_multiplier):
+        wanted = min(k * depth, source.count)
+        found_settings = dict(settings)
+        for knob in kind.knobs:
+            if knob.at_least_k:  # HNSW finds at most efSearch rows: raised to the candidates wanted, as in search
+                found_settings[knob.name] = max(found_settings.get(knob.name) or knob.default, wanted)
+        _, candidates = index.search(queries, wanted, params=kind.faiss_params(index, found_settings))
+        _, found = rescore(queries, candidates, _SourceRows(source), k, metric)
+        curve.append([depth, round(recall(found, truth), 4)])
+        if curve[-1][1] >= target or wanted == source.count:
+            break
+    depth, reached = curve[-1]
     if reached < target:
-        logger.warning("Calibration: %s reaches recall@10 %.3f only (target %.2f); searches use it.", best, reached,
-                       target)
-    return {"settings": best, "recall_at_10": reached, "probes": len(queries), "target": target, "curve": curve}
+        logger.warning("Calibration: rescoring %d x k candidates reaches recall@10 %.3f only (target %.2f); searches "
+                       "use it.", depth, reached, target)
+    return {"rescore_multiplier": depth, "rescore_recall_at_10": reached, "rescore_curve": curve}

@@ -30,7 +30,7 @@ from embedkit.quantization import (
     random_rotation,
 )
 
-BINARY_RESCORE_MULTIPLIER = 20  # the depth where binary + rescore keeps >= 95 % of float recall@10 (bench/README.md)
+BINARY_RESCORE_MULTIPLIER = 20  # binary types rescore at least this deep; build calibrates deeper (calibrate.py)
 DEFAULT_BINARY_THRESHOLD = "mean"  # binary_threshold unset, over float or int8 vectors (bench/README.md)
 DEFAULT_BINARY_ROTATION = True  # binary_rotation unset, over float or int8 vectors (bench/README.md)
 ROTATION_PROBE = 8  # index.json keeps the rotation's first entries: a load that regenerates another one fails

@@ -81,7 +81,8 @@ class IndexType:
     to always read it into RAM.
 
     Compact types: ``precisions`` are the ``--precision`` values whose codes it stores (``embedkit.quantization``);
-    ``rescore_multiplier`` the default of ``Index.search``'s float rescoring depth (0 = off); ``create(dimension,
+    ``rescore_multiplier``: nonzero for types that ``Index.search`` rescores with float vectors by default: the
+    least depth; build calibrates it up to the target recall (calibrate.py); ``create(dimension,
     factory, metric)`` / ``read(path, flags)`` / ``write(index, path)`` replace FAISS's float index I/O (binary
     indexes); ``train(index, source, options) -> facts`` replaces training on a random sample (its facts, e.g. the
     int8 ranges, go into index.json); ``restore(index, info)`` gives a loaded index what those facts set (the

@@ -179,7 +179,7 @@ def test_cli_precision_dimensions_and_rescore_multiplier(tmp_path, vectors, text
     assert "; rescoring 20 x k gives recall@10 1.000 on 100 corpus probes;" in result.output, result.output
     result = runner.invoke(app, ["index", "info", str(idx)])
     assert result.exit_code == 0 and "binary, 2.33 bytes per vector, rescoring 20 x k" in result.output, result.output
-    assert "recall@10  1.000 rescored (" in result.output  # 20 x 10 candidates are all 100 rows: calibration stops
+    assert "recall@10  1.000 rescored 20 x k on 100 corpus probes" in result.output  # 200 candidates: all 100 rows
     result = runner.invoke(app, ["search", str(idx), texts[5], "-k", "3", "--json", "--rescore-multiplier", "40"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["results"][0]["hits"][0]["id"] == "d5"
@@ -220,3 +220,18 @@ def test_binary_rescoring_depth_is_the_smallest_that_reaches_the_target_recall(t
         _, found = Index.load(built.output).search_vectors(queries, 10)  # the index's own depth
         assert recall(found, truth) == curve[-1][1]
     assert depths == {0.5: 20, 0.95: 50}  # the binary types' least depth, and past it where the probes need it
+
+
+def test_binary_hnsw_calibrates_efsearch_on_rescored_recall(tmp_path):
+    """A rescoring type's knob is measured as it searches, rescored at the least depth: below k x 20 candidates
+    efSearch is raised to them, so every such step scores the same and the cheapest one is kept."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((20, 32))[rng.integers(0, 20, 2000)] + rng.standard_normal((2000, 32))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    built = build_index(write_vectors_folder(tmp_path / "v", x), tmp_path / "i",
+                        BuildOptions(index_type="binary_hnsw", precision="binary", hnsw_m=8, target_recall=0.5),
+                        texts=False)
+    calibration = built.info["calibration"]
+    first, *_ = calibration["curve"]
+    assert first[0]["efSearch"] < 200 and first[1] == calibration["rescore_curve"][0][1] >= 0.5
+    assert built.info["search"] == first[0] and built.info["rescore_multiplier"] == 20

@@ -97,7 +97,7 @@ def index_info(index_dir: Annotated[str, typer.Argument(help="An index folder.")
             "bits": _describe_bits(info) if info.get("precision") in ("binary", "ubinary") else None,
             "model": f"{info['model']['spec']} (fingerprint {info['model']['fingerprint']})",
             "search": ", ".join(f"{k}={v}" for k, v in info["search"].items()) or "exact",
-            "recall@10": (f"{cal['rescore_recall_at_10']:.3f} rescored ({cal['recall_at_10']:.3f} without) on "
+            "recall@10": (f"{cal['rescore_recall_at_10']:.3f} rescored {info['rescore_multiplier']} x k on "
                           if "rescore_recall_at_10" in cal else f"{cal['recall_at_10']:.3f} on ")
                          + f"{cal['probes']} corpus probes",
             "texts": "yes" if info["texts"] else f"no ({info.get('texts_note')})",

@@ -80,8 +80,9 @@ def _search_steps(index, kind: IndexType, measure, target: float) -> dict | None
 def calibrate(index, kind: IndexType, source, metric: str, target: float, seed: int = 0,
               probes: int = PROBES) -> dict:
     """Cheapest search settings of ``index`` (of type ``kind``) whose recall@10 against exact search reaches
-    ``target`` on corpus probes; every point measured is kept in ``curve``. For a type that rescores by default,
-    also the smallest rescoring depth that reaches it (``rescore_multiplier``, its points in ``rescore_curve``)."""
+    ``target`` on corpus probes; every point measured is kept in ``curve``. A type that rescores by default is
+    measured as it searches, rescored at its least depth; then the smallest depth that reaches the target is
+    chosen (``rescore_multiplier``, its points in ``rescore_curve``)."""
     source = VectorSource.of(source)
     queries, truth = calibration_probes(source, metric, seed, probes)
     k = truth.shape[1]
@@ -90,8 +91,11 @@ def calibrate(index, kind: IndexType, source, metric: str, target: float, seed: 
     curve: list[list] = []
 
     def measure(settings: dict) -> float:
-        _, labels = index.search(queries, k, params=kind.faiss_params(index, settings))
-        value = recall(labels, truth)
+        if kind.rescore_multiplier:
+            value = _rescored_recall(index, kind, source, metric, settings, queries, truth, kind.rescore_multiplier)
+        else:
+            _, labels = index.search(queries, k, params=kind.faiss_params(index, settings))
+            value = recall(labels, truth)
         curve.append([dict(settings), round(value, 4)])
         return value
 
@@ -102,7 +106,7 @@ def calibrate(index, kind: IndexType, source, metric: str, target: float, seed: 
         if best is None:  # target not reached: the most accurate setting seen (PQ recall can fall with nprobe)
             best = max(curve, key=lambda point: point[1])[0]
         reached = next(r for s, r in reversed(curve) if s == best)
-        if reached < target and not kind.rescore_multiplier:
+        if reached < target and not kind.rescore_multiplier:  # a rescoring type may reach it deeper: said below
             logger.warning("Calibration: %s reaches recall@10 %.3f only (target %.2f); searches use it.", best,
                            reached, target)
         result = {"settings": best, "recall_at_10": reached, "probes": len(queries), "target": target,
@@ -122,24 +126,29 @@ class _SourceRows:
         return self.source.take(positions)
 
 
+def _rescored_recall(index, kind: IndexType, source: VectorSource, metric: str, settings: dict, queries: np.ndarray,
+                     truth: np.ndarray, depth: int) -> float:
+    """Recall@10 searched as ``Index.search_vectors`` does: depth x k candidates, reordered by float scores."""
+    k = truth.shape[1]
+    wanted = min(k * depth, source.count)
+    settings = dict(settings)
+    for knob in kind.knobs:
+        if knob.at_least_k:  # HNSW finds at most efSearch rows: raised to the candidates wanted, as in search
+            settings[knob.name] = max(settings.get(knob.name) or knob.default, wanted)
+    _, candidates = index.search(queries, wanted, params=kind.faiss_params(index, settings))
+    _, found = rescore(queries, candidates, _SourceRows(source), k, metric)
+    return recall(found, truth)
+
+
 def _rescoring_depth(index, kind: IndexType, source: VectorSource, metric: str, target: float, settings: dict,
                      queries: np.ndarray, truth: np.ndarray) -> dict:
     """The smallest of ``RESCORE_DEPTHS`` from the type's default up whose rescored recall@10 reaches ``target``
-    (else the deepest, with a warning), searched as ``Index.search_vectors`` does: depth x k candidates, reordered
-    by float scores. The default is a floor: on an LLM's MSMARCO vectors the probes flattered the real queries
-    below it (bench/README.md, "Compact indexes"); on dense clustered sets they ask for more, and get it."""
-    k = truth.shape[1]
+    (else the deepest, with a warning). The default is a floor: on an LLM's MSMARCO vectors the probes flattered
+    the real queries below it (bench/README.md, "Compact indexes"); on dense clustered sets they ask for more."""
     curve: list[list] = []
     for depth in (d for d in RESCORE_DEPTHS if d >= kind.rescore_multiplier):
-        wanted = min(k * depth, source.count)
-        found_settings = dict(settings)
-        for knob in kind.knobs:
-            if knob.at_least_k:  # HNSW finds at most efSearch rows: raised to the candidates wanted, as in search
-                found_settings[knob.name] = max(found_settings.get(knob.name) or knob.default, wanted)
-        _, candidates = index.search(queries, wanted, params=kind.faiss_params(index, found_settings))
-        _, found = rescore(queries, candidates, _SourceRows(source), k, metric)
-        curve.append([depth, round(recall(found, truth), 4)])
-        if curve[-1][1] >= target or wanted == source.count:
+        curve.append([depth, round(_rescored_recall(index, kind, source, metric, settings, queries, truth, depth), 4)])
+        if curve[-1][1] >= target or truth.shape[1] * depth >= source.count:
             break
     depth, reached = curve[-1]
     if reached < target:

@@ -1,5 +1,6 @@
 """Training speed with LoRA: embedkit's trainer vs sentence-transformers' own trainer (MultipleNegativesRankingLoss),
-same model, batch, data and LoRA, in one run; tokens/s and MFU against a bf16 matmul peak measured beside each.
+same model, batch, data and LoRA, in one run; tokens/s and MFU against a matmul peak in
+the run's dtype measured beside each.
 
     .venv/bin/python bench/bench_train.py [--objective supervised|simcse] [--model smollm2-135m] [--steps 6]
         [--embedkit ""] [--embedkit "lora.layers=top 12"] [--embedkit "batch_size=64;+fused_adamw"] [--st all]
@@ -20,8 +21,8 @@ r16 through peft's ``inject_adapter_in_model`` (adapters in the model's dtype) a
 Tokens/s counts real (non-padding) tokens over the timed steps (the warm-up steps and model loading excluded).
 MFU = tokens/s x training FLOPs per token / the peak: FLOPs count the forward through every layer, the backward
 (input gradients, no weight gradients of frozen weights) through the adapted layers only, attention on the real
-lengths, and the LoRA matmuls; the peak is the best of the model's linear shapes as a 4096-token bf16 matmul
-(bench_encode.matmul_peak), measured before and after each run and averaged. The machine is shared: compare the
+lengths, and the LoRA matmuls; the peak is the best of the model's linear shapes as a 4096-token matmul in the
+run's dtype (bench_encode.matmul_peak), measured before and after each run and averaged. The machine is shared: compare the
 lines of one run. Results are appended to bench/results_train.jsonl.
 """
 

@@ -22,8 +22,8 @@ Tokens/s counts real (non-padding) tokens over the timed steps (the warm-up step
 MFU = tokens/s x training FLOPs per token / the peak: FLOPs count the forward through every layer, the backward
 (input gradients, no weight gradients of frozen weights) through the adapted layers only, attention on the real
 lengths, and the LoRA matmuls; the peak is the best of the model's linear shapes as a 4096-token matmul in the
-run's dtype (bench_encode.matmul_peak), measured before and after each run and averaged. The machine is shared: compare the
-lines of one run. Results are appended to bench/results_train.jsonl.
+run's dtype (bench_encode.matmul_peak), measured before and after each run and averaged. The machine is shared:
+compare the lines of one run. Results are appended to bench/results_train.jsonl.
 """
 
 from __future__ import annotations

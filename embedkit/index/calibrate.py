@@ -131,10 +131,7 @@ def _rescored_recall(index, kind: IndexType, source: VectorSource, metric: str, 
     """Recall@10 searched as ``Index.search_vectors`` does: depth x k candidates, reordered by float scores."""
     k = truth.shape[1]
     wanted = min(k * depth, source.count)
-    settings = dict(settings)
-    for knob in kind.knobs:
-        if knob.at_least_k:  # HNSW finds at most efSearch rows: raised to the candidates wanted, as in search
-            settings[knob.name] = max(settings.get(knob.name) or knob.default, wanted)
+    settings = kind.settings_finding(settings, wanted)  # as in search: HNSW finds at most efSearch rows
     _, candidates = index.search(queries, wanted, params=kind.faiss_params(index, settings))
     _, found = rescore(queries, candidates, _SourceRows(source), k, metric)
     return recall(found, truth)

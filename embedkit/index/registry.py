@@ -110,6 +110,14 @@ class IndexType:
     def knob_names(self) -> list[str]:
         return [knob.name for knob in self.knobs]
 
+    def settings_finding(self, settings: dict, k: int) -> dict:
+        """``settings`` with every knob that caps the hits a search returns (HNSW's efSearch) raised to ``k``."""
+        settings = dict(settings)
+        for knob in self.knobs:
+            if knob.at_least_k:
+                settings[knob.name] = max(settings.get(knob.name) or knob.default, k)
+        return settings
+
     def faiss_params(self, faiss_index, settings: dict):
         """FAISS per-call search parameters from ``{knob name: value}`` (None values ignored); None if none."""
         settings = {k: v for k, v in settings.items() if v is not None}

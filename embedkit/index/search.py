@@ -255,8 +255,7 @@ class Index:
         for knob in kind.knobs:
             if overrides.get(knob.keyword) is not None:
                 settings[knob.name] = overrides[knob.keyword]
-            if knob.at_least_k:  # the search finds at most this many
-                settings[knob.name] = max(settings.get(knob.name) or knob.default, k_eff)
+        settings = kind.settings_finding(settings, k_eff)
         return self.faiss.search(vectors, k_eff, params=kind.faiss_params(self.faiss, settings))
 
 

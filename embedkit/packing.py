@@ -8,6 +8,12 @@ text gets its own positions (restarting at 0, as the padded path gives it) and a
 mask, which models take as is. The hidden states are then laid out padded again (one gather), so every pooler
 pools exactly what it pools on the padded path.
 
+In causal mode the tokens every text of a batch starts with (a template's or an instruction's head, such as
+PromptEOL's ``This sentence : "``) have the same states in every text, so each row computes them once, at its
+start: the row's texts continue from there (positions after the prefix) and see it besides themselves
+(``shared_prefix_length``). The states and their gradients are those of the padded batch, up to rounding; a step
+runs fewer tokens (on SNLI triplets under PromptEOL, 4 of a text's ~21).
+
 What cannot be packed falls back to padding, explicitly (``packing_blocker`` says why): a forward hook (Token
 Prepending, GEM change the sequence), an attention bias (per padded position), an attention implementation
 without a 4-D mask (flash), texts longer than a sliding window (a 4-D mask replaces the window), or a model
@@ -27,6 +33,7 @@ from transformers.masking_utils import (
     and_masks,
     bidirectional_mask_function,
     causal_mask_function,
+    or_masks,
     packed_sequence_mask_function,
 )
 
@@ -38,6 +45,7 @@ PACKABLE_ATTENTION = ("sdpa", "eager")
 # Tokens per packed row. Attention inside a row is computed for every pair of its tokens, across texts too
 # (then masked): short rows keep that waste small, long ones keep few tails of padding (docs/serving.md).
 DEFAULT_ROW_TOKENS = 128
+SHARED_SEGMENT = -1  # the segment id of a row's shared prefix, which every text of the row sees
 PROBE_TOLERANCE = 1e-2  # of the states' scale: packed and padded agree far closer; a broken model differs by ~1
 
 
@@ -61,7 +69,7 @@ class PackedBatch:
 
     input_ids: torch.Tensor  # (R, W)
     position_ids: torch.Tensor  # (R, W): from 0 in every text (and in a row's padding tail)
-    segments: torch.Tensor  # (R, W): one id per text within its row; a row's padding tail has its own
+    segments: torch.Tensor  # (R, W): one id per text within its row; the shared prefix SHARED_SEGMENT; the tail its own
     gather: torch.Tensor  # (B, L): flat index into (R * W) of each text's tokens, 0 under padding
     attention_mask: torch.Tensor  # (B, L) as ``collate`` gives it (right padding)
     pool_mask: torch.Tensor  # (B, L)
@@ -70,13 +78,27 @@ class PackedBatch:
         return PackedBatch(*(getattr(self, name).to(device) for name in self.__dataclass_fields__))
 
 
+def shared_prefix_length(model: nn.Module, ids: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all ``ids`` share and a packed row can compute once: 0 unless the model attends
+    causally (bidirectionally the prefix sees the text), and never a text's last token (each keeps one of its own)."""
+    if get_mode(model) != "causal" or len(ids) < 2:
+        return 0
+    first, limit = ids[0], min(len(seq) for seq in ids) - 1
+    length = 0
+    while length < limit and all(seq[length] == first[length] for seq in ids):
+        length += 1
+    return length
+
+
 def pack(ids: Sequence[Sequence[int]], prefix_lengths: Sequence[int], *, pad_id: int,
-         row_tokens: int = DEFAULT_ROW_TOKENS) -> PackedBatch:
-    """Pack token ids into rows (see ``plan_rows``); the padded masks equal ``batching.collate``'s."""
-    lengths = [len(seq) for seq in ids]
-    rows = plan_rows(lengths, row_tokens)
-    width = max(sum(lengths[i] for i in row) for row in rows)
-    longest = max(lengths)
+         row_tokens: int = DEFAULT_ROW_TOKENS, shared_prefix: int = 0) -> PackedBatch:
+    """Pack token ids into rows (see ``plan_rows``); the padded masks equal ``batching.collate``'s. The first
+    ``shared_prefix`` tokens (the same in every text) open each row once instead of every text."""
+    shared = shared_prefix
+    lengths = [len(seq) - shared for seq in ids]  # each text's own tokens
+    rows = plan_rows(lengths, max(1, row_tokens - shared))
+    width = shared + max(sum(lengths[i] for i in row) for row in rows)
+    longest = shared + max(lengths)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
     segments = torch.zeros((len(rows), width), dtype=torch.long)
@@ -84,33 +106,50 @@ def pack(ids: Sequence[Sequence[int]], prefix_lengths: Sequence[int], *, pad_id:
     attention = torch.zeros((len(ids), longest), dtype=torch.long)
     pool = torch.zeros((len(ids), longest), dtype=torch.long)
     for r, row in enumerate(rows):
-        start = 0
+        input_ids[r, :shared] = torch.tensor(ids[row[0]][:shared], dtype=torch.long)
+        positions[r, :shared] = torch.arange(shared)
+        segments[r, :shared] = SHARED_SEGMENT
+        start = shared
         for segment, i in enumerate(row):
             n = lengths[i]
-            input_ids[r, start:start + n] = torch.tensor(ids[i], dtype=torch.long)
-            positions[r, start:start + n] = torch.arange(n)
+            input_ids[r, start:start + n] = torch.tensor(ids[i][shared:], dtype=torch.long)
+            positions[r, start:start + n] = torch.arange(shared, shared + n)
             segments[r, start:start + n] = segment
-            gather[i, :n] = torch.arange(r * width + start, r * width + start + n)
-            attention[i, :n] = 1
-            pool[i, min(prefix_lengths[i], n - 1):n] = 1
+            gather[i, :shared] = torch.arange(r * width, r * width + shared)
+            gather[i, shared:shared + n] = torch.arange(r * width + start, r * width + start + n)
+            attention[i, :shared + n] = 1
+            pool[i, min(prefix_lengths[i], shared + n - 1):shared + n] = 1
             start += n
         positions[r, start:] = torch.arange(width - start)
         segments[r, start:] = len(row)
     return PackedBatch(input_ids, positions, segments, gather, attention, pool)
 
 
+def sees_shared_prefix(segments: torch.Tensor):
+    """Mask function: every token may see its row's shared prefix (causality is and-ed on top)."""
+
+    def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
+        return segments[batch_idx, kv_idx] == SHARED_SEGMENT
+
+    return inner_mask
+
+
 def block_diagonal_mask(model: nn.Module, segments: torch.Tensor) -> torch.Tensor:
     """The 4-D mask of the model's attention implementation: each token sees only its own text (causally in
-    causal mode); transformers builds it (bool for sdpa, additive float for eager)."""
+    causal mode) and its row's shared prefix, if any; transformers builds it (bool for sdpa, additive float for
+    eager)."""
     config = model.config
     base = causal_mask_function if get_mode(model) == "causal" else bidirectional_mask_function
+    same_text = packed_sequence_mask_function(segments)
+    if bool((segments[:, 0] == SHARED_SEGMENT).any()):
+        same_text = or_masks(same_text, sees_shared_prefix(segments))
     dtype = model.get_input_embeddings().weight.dtype
     if not dtype.is_floating_point:  # quantised embeddings
         dtype = torch.float32
     rows, width = segments.shape
     return ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
         batch_size=rows, q_length=width, kv_length=width, q_offset=0, kv_offset=0,
-        mask_function=and_masks(base, packed_sequence_mask_function(segments)), attention_mask=None,
+        mask_function=and_masks(base, same_text), attention_mask=None,
         allow_is_causal_skip=False, allow_is_bidirectional_skip=False, dtype=dtype, config=config,
         use_vmap=False, device=segments.device,
     )
@@ -182,9 +221,12 @@ def plan_packed_batches(lengths: Sequence[int], *, max_batch_tokens: int, max_ba
 
 
 def packed_vectors(embedder, tokenized: Tokenized, rows: Sequence[int], row_tokens: int | None = None):
-    """The embedder's un-normalised vectors (B, H) of some rows of ``tokenized``, in one packed forward."""
-    batch = pack([tokenized.ids[i] for i in rows], [tokenized.prefix_lengths[i] for i in rows],
-                 pad_id=padding_id(embedder.tokenizer, embedder.backbone), row_tokens=row_tokens or DEFAULT_ROW_TOKENS)
+    """The embedder's un-normalised vectors (B, H) of some rows of ``tokenized``, in one packed forward (with
+    gradients outside inference mode: training runs its towers through here)."""
+    ids = [tokenized.ids[i] for i in rows]
+    batch = pack(ids, [tokenized.prefix_lengths[i] for i in rows],
+                 pad_id=padding_id(embedder.tokenizer, embedder.backbone), row_tokens=row_tokens or DEFAULT_ROW_TOKENS,
+                 shared_prefix=shared_prefix_length(embedder.backbone, ids))
     batch = batch.to(embedder.device)
     hidden = packed_hidden_states(embedder.backbone, batch)
     return embedder.active_pooler.pool(hidden, batch.attention_mask, batch.pool_mask)

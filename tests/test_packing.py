@@ -14,7 +14,14 @@ from embedkit import attention as attn
 from embedkit.batching import Tokenized, collate
 from embedkit.methods.soft_mask import soft_mask_bias
 from embedkit.methods.token_prepending import enable_token_prepending
-from embedkit.packing import pack, packing_blocker, plan_packed_batches, plan_rows
+from embedkit.packing import (
+    block_diagonal_mask,
+    pack,
+    packing_blocker,
+    plan_packed_batches,
+    plan_rows,
+    shared_prefix_length,
+)
 from embedkit.pooling import pooling_names
 from embedkit.serving.model_call import ModelCall
 from tests.conftest import arch_impl_cases, tiny_model, tokenizer_for
@@ -62,6 +69,25 @@ def test_pack_restarts_positions_and_gives_collates_masks():
     assert torch.equal(batch.attention_mask, attention) and torch.equal(batch.pool_mask, pool)
     flat = batch.input_ids.reshape(-1)[batch.gather]
     assert flat[attention.bool()].tolist() == [t for seq in ids for t in seq]
+
+
+def test_a_shared_prefix_opens_each_row_once_and_every_text_of_the_row_sees_it(stories):
+    ids = [[1, 2, 3, 4, 5], [1, 2, 6, 7], [1, 2, 8]]
+    causal = stories[("causal", "sdpa")].backbone
+    assert shared_prefix_length(causal, ids) == 2
+    assert shared_prefix_length(causal, [[1, 2], [1, 2, 3]]) == 1  # each text keeps a token of its own
+    assert shared_prefix_length(stories[("bidirectional", "sdpa")].backbone, ids) == 0  # the prefix would see texts
+    batch = pack(ids, [0, 0, 0], pad_id=0, row_tokens=7, shared_prefix=2)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5], [1, 2, 6, 7, 8]]  # 10 tokens run instead of 12
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 2]]
+    assert batch.segments.tolist() == [[-1, -1, 0, 0, 0], [-1, -1, 0, 0, 1]]
+    _, attention, pool = collate(ids, [0, 0, 0], pad_id=0)
+    assert torch.equal(batch.attention_mask, attention) and torch.equal(batch.pool_mask, pool)
+    flat = batch.input_ids.reshape(-1)[batch.gather]
+    assert flat[attention.bool()].tolist() == [t for seq in ids for t in seq]
+    mask = block_diagonal_mask(causal, batch.segments)[1, 0]  # sdpa: True = may attend
+    assert mask[4].tolist() == [True, True, False, False, True]  # token 8 sees the prefix and itself
+    assert mask[3].tolist() == [True, True, True, True, False]  # 7 sees the prefix, 6 and itself
 
 
 @pytest.fixture(scope="module")

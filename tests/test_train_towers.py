@@ -1,14 +1,17 @@
-"""Contrastive towers run together, sorted by length: less padding, same embeddings, loss and gradients."""
+"""Contrastive towers run together, sorted by length or packed: less padding, same embeddings, loss and
+gradients."""
 
 from __future__ import annotations
 
 import itertools
 import random
 
+import pytest
 import torch
 from test_train_helpers import tiny_recipe
 
 import embedkit.train.objectives.contrastive as contrastive
+from embedkit import packing
 from embedkit.batching import Tokenized, collate
 from embedkit.train.recipe import load_recipe
 from embedkit.train.towers import TowerRows, draws_dropout, least_padding_split, sorted_forward
@@ -70,28 +73,41 @@ def test_towers_that_are_not_whole_tower_rows_run_on_their_own():
     assert emb.shapes == []
 
 
-def test_supervised_loss_and_gradients_match_one_pass_per_tower(tmp_path):
-    """The tiny model in float32, no dropout: the sorted shared pass gives the loss and adapter gradients of one
-    pass per tower (GradCache with a chunk per tower runs the towers one by one)."""
-    objective, peft_model = _tiny_supervised(tmp_path, lora_dropout=0.0)
+@pytest.mark.parametrize("mode", ["bidirectional", "causal"])
+def test_supervised_loss_and_gradients_match_one_pass_per_tower(tmp_path, monkeypatch, mode):
+    """The tiny model in float32, no dropout: the packed pass (the default) and the sorted shared pass give the loss
+    and adapter gradients of one pass per tower (GradCache with a chunk per tower runs the towers one by one).
+    Causal under a template, the packed rows compute the texts' shared head once."""
+    model = {"attention": "causal", "pooling": "last", "template": 'Say "{text}" in one word:"'} \
+        if mode == "causal" else {}
+    objective, peft_model = _tiny_supervised(tmp_path, lora_dropout=0.0, **model)
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    shared = []
+    real = packing.shared_prefix_length
+    monkeypatch.setattr(packing, "shared_prefix_length", lambda *a: shared.append(real(*a)) or shared[-1])
     results = []
-    for mini_batch in (None, 4):
-        objective.config = objective.config.model_copy(update={"mini_batch_size": mini_batch})
+    for packed, mini_batch in ((True, None), (False, None), (True, 4)):
+        objective.config = objective.config.model_copy(update={"mini_batch_size": mini_batch, "packed": packed})
         peft_model.zero_grad(set_to_none=True)
         loss = backward(objective.loss([0, 1, 2, 3], step=0))
         results.append((loss, {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}))
-    (sorted_loss, sorted_grads), (tower_loss, tower_grads) = results
-    assert abs(sorted_loss - tower_loss) < 1e-5 and sorted_loss > 0
-    for name, grad in tower_grads.items():
-        torch.testing.assert_close(sorted_grads[name], grad, rtol=1e-4, atol=1e-5)
+    assert shared == ([4] if mode == "causal" else [0])  # one packed pass; <s> and the template's head, 3 tokens
+    (tower_loss, tower_grads) = results[-1]
+    assert tower_loss > 0
+    for loss, grads in results[:-1]:
+        assert abs(loss - tower_loss) < 1e-5
+        for name, grad in tower_grads.items():  # float32 rounding: ~1e-5 of the norm (the prefix's sums differ)
+            assert (grads[name] - grad).norm() <= 1e-4 * grad.norm(), name
 
 
-def _tiny_supervised(tmp_path, lora_dropout: float):
+def _tiny_supervised(tmp_path, lora_dropout: float, **model):
     recipe = tiny_recipe(tmp_path / "data", tmp_path / "run")
     recipe["lora"]["dropout"] = lora_dropout
+    recipe["model"].update(model)
+    if "template" in model:  # the anchors' instruction would end the prefix all texts share after the first token
+        del recipe["stages"][2]["instruction"]
     trainer = Trainer(load_recipe(recipe), resume=False)
     trainer.load_model()
     objective, peft_model = trainer.start_stage(2)
@@ -105,7 +121,8 @@ def test_with_dropout_the_towers_sort_together_only_when_asked(tmp_path, monkeyp
     tower when the forward draws dropout, ``always`` sorts anyway, ``off`` never sorts."""
     calls = []
     real = contrastive.sorted_forward
-    monkeypatch.setattr(contrastive, "sorted_forward", lambda towers: calls.append(len(towers)) or real(towers))
+    monkeypatch.setattr(contrastive, "sorted_forward",
+                        lambda towers, **kw: calls.append(len(towers)) or real(towers, **kw))
     objective, peft_model = _tiny_supervised(tmp_path, lora_dropout=0.1)
     assert draws_dropout(peft_model)
     for setting, sorted_calls in (("auto", []), ("always", [3]), ("off", [])):

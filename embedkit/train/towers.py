@@ -8,6 +8,10 @@ many batches as there were towers, where the fewest padding cells fall (``least_
 own longest text; the embeddings go back to tower order. Padding is masked, so the embeddings are the same up to float
 rounding. Dropout would draw its masks in another order, so with dropout this is opt-in (the stage key
 ``sort_by_length``); GradCache (``mini_batch_size``) keeps one tower per pass.
+
+Without dropout, where the model takes packed forwards (``packing.packing_blocker``), the pooled texts run as one
+packed forward instead (the stage key ``packed``): rows of texts back to back, no padding but the rows' tails, and
+in causal mode the prefix every text shares (a template's head) computed once per row.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from torch import nn
 
 from embedkit.batching import Tokenized
+from embedkit.packing import packed_vectors, packing_blocker
 
 
 class TowerRows:
@@ -52,14 +57,18 @@ def draws_dropout(model: nn.Module) -> bool:
     return False
 
 
-def sorted_forward(towers: Sequence[tuple[object, int]]) -> list[torch.Tensor] | None:
-    """Every tower's (n, H) embeddings from shared length-sorted batches; None when a tower is not ``TowerRows``
-    over all its rows (then each runs on its own)."""
+def sorted_forward(towers: Sequence[tuple[object, int]], packed: bool = False) -> list[torch.Tensor] | None:
+    """Every tower's (n, H) embeddings from shared length-sorted batches, or one packed forward (``packed``, where
+    the model takes it); None when a tower is not ``TowerRows`` over all its rows (then each runs on its own)."""
     if not towers or not all(isinstance(fn, TowerRows) and n == len(fn.rows) for fn, n in towers):
         return None
     texts = [fn.text(i) for fn, n in towers for i in range(n)]
-    order = sorted(range(len(texts)), key=lambda k: len(texts[k][0]))  # stable: ties keep tower order
     embedder = towers[0][0].embedder
+    sizes = [n for _, n in towers]
+    if packed and packing_blocker(embedder, max(len(ids) for ids, _ in texts)) is None:
+        batch = Tokenized([ids for ids, _ in texts], [prefix for _, prefix in texts])
+        return list(packed_vectors(embedder, batch, range(len(texts))).split(sizes))
+    order = sorted(range(len(texts)), key=lambda k: len(texts[k][0]))  # stable: ties keep tower order
     parts = []
     for start, stop in least_padding_split([len(texts[k][0]) for k in order], len(towers)):
         chunk = [texts[k] for k in order[start:stop]]
@@ -68,7 +77,7 @@ def sorted_forward(towers: Sequence[tuple[object, int]]) -> list[torch.Tensor] |
     back = torch.empty(len(order), dtype=torch.long)
     back[torch.as_tensor(order)] = torch.arange(len(order))
     merged = torch.cat(parts)[back.to(parts[0].device)]
-    return list(merged.split([n for _, n in towers]))
+    return list(merged.split(sizes))
 
 
 def least_padding_split(lengths: Sequence[int], parts: int) -> list[tuple[int, int]]:

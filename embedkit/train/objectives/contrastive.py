@@ -50,6 +50,9 @@ class ContrastiveConfig(StageConfig):
         "auto", description="Run the towers (anchors, positives, negatives; SimCSE's two views) together, sorted by "
         "length, for less padding (towers.py). auto: when the forward draws no dropout (then the numbers are those of "
         "one pass per tower, up to rounding); always: with dropout too (its masks come in another order); off.")
+    packed: bool = added_later(
+        True, description="Run the towers' texts as one packed forward (no padding; a causal model computes the prefix "
+        "all texts share once per row) when they run together without dropout and the model takes packed forwards.")
 
     def batch_kind(self) -> str:
         if self.batches != "auto":
@@ -169,9 +172,11 @@ class ContrastiveObjective(Objective):
         cfg = self.config
         together = cfg.mini_batch_size is None and cfg.sort_by_length != "off" and all(
             isinstance(fn, TowerRows) for fn, _ in towers)
-        if together and cfg.sort_by_length == "auto":  # hidden dropout is a hook, not a module: asked separately
-            together = not (cfg.hidden_dropout > 0 or draws_dropout(towers[0][0].embedder.backbone))
-        shared = sorted_forward(towers) if together else None
+        # hidden dropout is a hook, not a module: asked separately
+        dropout = together and (cfg.hidden_dropout > 0 or draws_dropout(towers[0][0].embedder.backbone))
+        if cfg.sort_by_length == "auto":
+            together = together and not dropout
+        shared = sorted_forward(towers, packed=cfg.packed and not dropout) if together else None
         if shared is not None:
             towers = [(lambda chunk, e=e: e[chunk.start:chunk.stop], n) for e, (_, n) in zip(shared, towers,
                                                                                             strict=True)]

@@ -22,7 +22,10 @@ Tokens/s counts real (non-padding) tokens over the timed steps (the warm-up step
 MFU = tokens/s x training FLOPs per token / the peak: FLOPs count the forward through every layer, the backward
 (input gradients, no weight gradients of frozen weights) through the adapted layers only, attention on the real
 lengths, and the LoRA matmuls; the peak is the best of the model's linear shapes as a 4096-token matmul in the
-run's dtype (bench_encode.matmul_peak), measured before and after each run and averaged. The machine is shared:
+run's dtype (bench_encode.matmul_peak), measured before and after each run and averaged. MFU counts every text's
+tokens, which is what sentence-transformers computes; where embedkit's packed forward computes a shared prefix once
+per row, ``computed_per_token`` (positions computed / tokens counted, below 1) says how much less it ran, and
+MFU x computed_per_token is the share of the peak it really used. The machine is shared:
 compare the lines of one run. Results are appended to bench/results_train.jsonl.
 """
 
@@ -129,25 +132,39 @@ class Levers:
 
 
 class TokenRecorder:
-    """Real tokens of each training step, from the objective's own count (``Loss.tokens``)."""
+    """Real tokens of each training step, from the objective's own count (``Loss.tokens``), and the positions the
+    step's packed forwards computed (``computed``: a shared prefix counts once per row; None where nothing packed)."""
 
     def __init__(self, objective: str):
         from embedkit.train.objectives import OBJECTIVES as REGISTRY
 
-        self.cls, self.tokens, self.texts = REGISTRY[objective], [], []
+        self.cls, self.tokens, self.computed = REGISTRY[objective], [], []
 
     def __enter__(self):
-        loss = self.original = self.cls.loss
+        import embedkit.packing as packing
+
+        loss, pack = self.original = self.cls.loss, packing.pack
+        positions = []
+
+        def counted_pack(ids, prefix_lengths, **options):
+            batch = pack(ids, prefix_lengths, **options)
+            positions.append(sum(len(seq) for seq in ids) - options.get("shared_prefix", 0) * len(ids)
+                             + options.get("shared_prefix", 0) * batch.input_ids.shape[0])
+            return batch
 
         def recorded(objective, rows, step):
+            positions.clear()
             result = loss(objective, rows, step)
             self.tokens.append(result.tokens)
+            self.computed.append(sum(positions) if positions else None)
             return result
-        self.cls.loss = recorded
+        self.cls.loss, packing.pack = recorded, counted_pack
         return self
 
     def __exit__(self, *exc):
-        self.cls.loss = self.original
+        import embedkit.packing as packing
+
+        self.cls.loss, packing.pack = self.original
 
 
 def bench_embedkit(args, rows: list[dict], folder: Path, variant: str) -> dict:
@@ -182,9 +199,11 @@ def bench_embedkit(args, rows: list[dict], folder: Path, variant: str) -> dict:
     seconds = sum(t / r for t, r in zip(tokens, rates[args.warmup:], strict=True))
     texts = len(tokens) * parsed.stages[0].batch_size * (3 if args.objective == "supervised" else 2)
     layers = parsed.lora.layers
+    computed = recorder.computed[args.warmup:]
     return {"system": f"embedkit {variant or '(recipe settings)'}", "tokens_per_s": sum(tokens) / seconds,
             "avg_tokens": sum(tokens) / texts, "adapted": None if layers == "all" else layers,
-            "batch": parsed.stages[0].batch_size, "step_s": seconds / len(tokens), "steps": len(tokens)}
+            "batch": parsed.stages[0].batch_size, "step_s": seconds / len(tokens), "steps": len(tokens),
+            "computed_per_token": sum(computed) / sum(tokens) if all(c is not None for c in computed) else None}
 
 
 def bench_sentence_transformers(args, rows: list[dict], folder: Path, layers: str) -> dict:
@@ -293,9 +312,11 @@ def summarise(runs: dict[str, list[dict]]) -> list[dict]:
     reference = next((r for r in results if r["system"].endswith("LoRA all)")), None)
     for r in results:
         r["over_st_all"] = r["tokens_per_s"] / reference["tokens_per_s"] if reference else None
-        for key in ("tokens_per_s", "avg_tokens", "step_s", "peak_gflops", "gflop_per_token", "mfu", "over_st_all"):
+        r.setdefault("computed_per_token", None)
+        for key in ("tokens_per_s", "avg_tokens", "step_s", "peak_gflops", "gflop_per_token", "mfu", "over_st_all",
+                    "computed_per_token"):
             if r[key] is not None:
-                r[key] = round(r[key], 4 if key in ("mfu", "gflop_per_token") else 2)
+                r[key] = round(r[key], 4 if key in ("mfu", "gflop_per_token", "computed_per_token") else 2)
     return results
 
 
@@ -334,10 +355,11 @@ def main() -> None:
               "lora_dtype": args.lora_dtype, "steps": args.steps, "rounds": args.rounds,
               "machine": describe_cpu(), "threads": torch.get_num_threads(),
               "results": results, "time": time.strftime("%Y-%m-%d %H:%M")}
-    print(f"{'system':<48} {'tokens/s':>9} {'MFU':>6} {'peak GF/s':>9} {'x ST':>6}")
+    print(f"{'system':<48} {'tokens/s':>9} {'MFU':>6} {'peak GF/s':>9} {'x ST':>6} {'computed':>8}")
     for r in results:
+        computed = f"{r['computed_per_token']:.3f}" if r["computed_per_token"] is not None else "-"
         print(f"{r['system']:<48} {r['tokens_per_s']:>9.1f} {100 * r['mfu']:>5.1f}% {r['peak_gflops']:>9.0f} "
-              f"{r['over_st_all'] or 0:>6.2f}")
+              f"{r['over_st_all'] or 0:>6.2f} {computed:>8}")
     with (Path(__file__).parent / "results_train.jsonl").open("a") as handle:
         handle.write(json.dumps(record) + "\n")
 

@@ -63,6 +63,30 @@ def test_pairs_and_triplets_mix_and_negatives_follow_hard_negatives(tmp_path):
     assert read_stage_pairs(data, 0, tmp_path, None).negatives == [[], []]
 
 
+def test_inverse_cloze_pairs_each_run_of_texts_by_rotating_anchor(tmp_path):
+    (tmp_path / "s.txt").write_text("a\nb\nc\nd\ne\nf\ng\n")
+    rows = pairs({"path": "s.txt", "inverse_cloze": 2, "instruction": "Q: "}, root=tmp_path)
+    # runs [a b c], [d e f]; the anchor moves one place a run; g, a short last run, is dropped
+    assert list(zip(rows.anchors, rows.positives, strict=True)) == [("a", "b c"), ("e", "d f")]
+    assert rows.negatives == [[], []] and rows.sources == ["s.txt"] * 2 and rows.instructions == ["Q: "] * 2
+    write_jsonl(tmp_path / "t.jsonl", [{"body": str(i)} for i in range(10)])
+    rows = pairs({"path": "t.jsonl", "columns": {"text": "body"}, "inverse_cloze": 1, "limit": 6}, root=tmp_path)
+    assert list(zip(rows.anchors, rows.positives, strict=True)) == [("0", "1"), ("3", "2"), ("4", "5")]
+
+
+def test_inverse_cloze_needs_a_text_column_and_a_whole_run(tmp_path):
+    with pytest.raises(RecipeError, match="inverse_cloze makes pairs from a text column: map text: COLUMN"):
+        load_recipe(_mix_recipe(tmp_path, [{"path": "a.jsonl", "inverse_cloze": 2,
+                                            "columns": {"anchor": "q", "positive": "p"}}]))
+    (tmp_path / "s.txt").write_text("a\nb\n")
+    with pytest.raises(DataError) as err:
+        pairs({"path": "s.txt", "inverse_cloze": 2}, root=tmp_path)
+    assert str(err.value) == ("source 's.txt' has 2 texts, fewer than the inverse_cloze run of 3; give it more texts "
+                              "or a smaller inverse_cloze.")
+    with pytest.raises(DataError, match="sets inverse_cloze, which pairs texts for the pair objectives"):
+        read_source_texts(SourceSpec(path="s.txt", inverse_cloze=1), tmp_path, None)
+
+
 # -- bad input: one line each --------------------------------------------------------------------------------------
 def test_columns_that_do_not_match_name_file_columns_and_mapping(tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])

@@ -160,6 +160,9 @@ class SourceSpec(Strict):
     sampling_exponent: Annotated[float, Field(ge=0)] = Field(
         1.0, description="Without weights a source's share is rows ** sampling_exponent (1: by size, 0: equal).")
     limit: PositiveInt | None = Field(None, description="Read at most this many rows (the first ones).")
+    inverse_cloze: PositiveInt | None = Field(
+        None, description="Read a text source as inverse-cloze pairs: each run of N + 1 consecutive texts gives one "
+                          "(text, the other N joined) pair, a sentence against its passage (Lee et al. 2019).")
 
     @field_validator("weight")
     @classmethod
@@ -175,6 +178,10 @@ class SourceSpec(Strict):
             raise ValueError("give a source either path (a local file or folder) or dataset (a hub id)")
         if self.path is not None and (self.subset is not None or self.split != "train"):
             raise ValueError("subset and split apply to a hub dataset; a local path is read whole")
+        if self.inverse_cloze and any(c is not None for c in (self.columns.anchor, self.columns.positive,
+                                                                self.columns.negative)):
+            raise ValueError("inverse_cloze makes pairs from a text column: map text: COLUMN (a .txt file needs "
+                             "no mapping), not anchor/positive/negative")
         return self
 
     @property

@@ -126,9 +126,11 @@ def read_source_pairs(spec: SourceSpec, hard_negatives: int, data_dir: Path | No
     """(anchor, positive[, negatives]) rows of one source. Without a ``negative`` mapping a ``negative`` column is
     used if present: a source without one gives pairs (in-batch negatives only for its rows)."""
     cols = spec.columns
+    if spec.inverse_cloze:
+        return _inverse_cloze_rows(spec, _read_texts(spec, data_dir, recipe_dir))
     if cols.text is not None:
         raise DataError(f"source {spec.label!r} maps a text column, but this stage reads (anchor, positive) rows; "
-                        "map anchor and positive (and negative).")
+                        "map anchor and positive (and negative), or set inverse_cloze: N to pair its texts.")
     anchor, positive = cols.anchor or "anchor", cols.positive or "positive"
     chosen: list[str] = []
 
@@ -156,8 +158,43 @@ def read_source_pairs(spec: SourceSpec, hard_negatives: int, data_dir: Path | No
     return rows
 
 
+def inverse_cloze_pairs(texts: list[str], context: int) -> list[tuple[str, str]]:
+    """Inverse-cloze pairs (Lee et al. 2019, ORQA): the texts in order, cut into runs of ``context`` + 1; in run k
+    the text at position k mod (context + 1) is the anchor and the other texts of the run, joined in order, its
+    positive; a last, shorter run is dropped. A sentence against the passage it was cut from is the query ->
+    passage shape that retrieval needs, made from unlabeled text (consecutive sentences of documents)."""
+    size = context + 1
+    out = []
+    for k, start in enumerate(range(0, len(texts) - size + 1, size)):
+        run, pick = texts[start:start + size], k % size
+        out.append((run[pick], " ".join(run[:pick] + run[pick + 1:])))
+    return out
+
+
+def _inverse_cloze_rows(spec: SourceSpec, texts: list[str]) -> PairRows:
+    made = inverse_cloze_pairs(texts, spec.inverse_cloze)
+    if not made:
+        raise DataError(f"source {spec.label!r} has {len(texts)} texts, fewer than the inverse_cloze run of "
+                        f"{spec.inverse_cloze + 1}; give it more texts or a smaller inverse_cloze.")
+    rows = PairRows()
+    for anchor, positive in made:
+        rows.anchors.append(anchor)
+        rows.positives.append(positive)
+        rows.negatives.append([])
+        rows.sources.append(spec.label)
+        rows.instructions.append(spec.instruction)
+    return rows
+
+
 def read_source_texts(spec: SourceSpec, data_dir: Path | None, recipe_dir: Path | None) -> list[str]:
     """The texts of one source (its ``text`` column; a .txt file: its non-blank lines)."""
+    if spec.inverse_cloze:
+        raise DataError(f"source {spec.label!r} sets inverse_cloze, which pairs texts for the pair objectives; this "
+                        "stage reads texts as they are: leave inverse_cloze out.")
+    return _read_texts(spec, data_dir, recipe_dir)
+
+
+def _read_texts(spec: SourceSpec, data_dir: Path | None, recipe_dir: Path | None) -> list[str]:
     cols = spec.columns
     if any(c is not None for c in (cols.anchor, cols.positive, cols.negative)):
         raise DataError(f"source {spec.label!r} maps anchor/positive columns, but this stage reads texts; map "

@@ -243,3 +243,11 @@ def test_runs_saved_before_mixtures_keep_their_fingerprint(tmp_path):
     assert load_recipe(recipe).fingerprint() == "ec9c776f037cc27e"
     recipe["stages"][2]["false_negatives"] = {"duplicates": False}
     assert load_recipe(recipe).fingerprint() != "ec9c776f037cc27e"
+
+
+def test_mixture_runs_saved_before_inverse_cloze_keep_their_fingerprint():
+    """The value the code before ``inverse_cloze`` gave the shipped distillation recipe (a list of sources)."""
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "distill-gemma3-270m-cpu.yaml")
+    assert recipe.fingerprint() == "d1b4a33b52ff6324"
+    recipe.stages[0].data.sources[0].inverse_cloze = 2
+    assert recipe.fingerprint() != "d1b4a33b52ff6324"

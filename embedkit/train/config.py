@@ -160,7 +160,7 @@ class SourceSpec(Strict):
     sampling_exponent: Annotated[float, Field(ge=0)] = Field(
         1.0, description="Without weights a source's share is rows ** sampling_exponent (1: by size, 0: equal).")
     limit: PositiveInt | None = Field(None, description="Read at most this many rows (the first ones).")
-    inverse_cloze: PositiveInt | None = Field(
+    inverse_cloze: PositiveInt | None = added_later(
         None, description="Read a text source as inverse-cloze pairs: each run of N + 1 consecutive texts gives one "
                           "(text, the other N joined) pair, a sentence against its passage (Lee et al. 2019).")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import BaseModel, Field, RootModel, SerializeAsAny, ValidationError, model_validator
 
 from embedkit.io import json_digest
 from embedkit.train.config import (
@@ -79,7 +79,9 @@ class Recipe(Strict):
 
 def _omit_later_defaults(model: Any, dumped: Any) -> None:
     """Drop ``added_later`` keys that hold their default from ``dumped`` (the model's JSON dump), at any depth:
-    stage keys, ``lora`` keys of the recipe and of a stage."""
+    stage keys, ``lora`` keys of the recipe and of a stage, keys of a stage's data sources."""
+    if isinstance(model, RootModel):  # a list of sources dumps as a plain list
+        model = model.root
     if isinstance(model, list) and isinstance(dumped, list):
         for item, sub in zip(model, dumped, strict=False):
             _omit_later_defaults(item, sub)

@@ -97,7 +97,7 @@ def test_supervised_loss_and_gradients_match_one_pass_per_tower(tmp_path, monkey
     (tower_loss, tower_grads) = results[-1]
     assert tower_loss > 0
     for loss, grads in results[:-1]:
-        assert abs(loss - tower_loss) < 1e-5
+        assert abs(loss - tower_loss) <= 1e-5 * tower_loss  # float32 rounding of cosines, times 1/temperature (50)
         for name, grad in tower_grads.items():  # float32 rounding: ~1e-5 of the norm (the prefix's sums differ)
             assert (grads[name] - grad).norm() <= 1e-4 * grad.norm(), name
 

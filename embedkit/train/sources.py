@@ -176,14 +176,8 @@ def _inverse_cloze_rows(spec: SourceSpec, texts: list[str]) -> PairRows:
     if not made:
         raise DataError(f"source {spec.label!r} has {len(texts)} texts, fewer than the inverse_cloze run of "
                         f"{spec.inverse_cloze + 1}; give it more texts or a smaller inverse_cloze.")
-    rows = PairRows()
-    for anchor, positive in made:
-        rows.anchors.append(anchor)
-        rows.positives.append(positive)
-        rows.negatives.append([])
-        rows.sources.append(spec.label)
-        rows.instructions.append(spec.instruction)
-    return rows
+    return PairRows(anchors=[a for a, _ in made], positives=[p for _, p in made], negatives=[[] for _ in made],
+                    sources=[spec.label] * len(made), instructions=[spec.instruction] * len(made))
 
 
 def read_source_texts(spec: SourceSpec, data_dir: Path | None, recipe_dir: Path | None) -> list[str]:

@@ -147,9 +147,9 @@ class TokenRecorder:
         positions = []
 
         def counted_pack(ids, prefix_lengths, **options):
-            batch = pack(ids, prefix_lengths, **options)
-            positions.append(sum(len(seq) for seq in ids) - options.get("shared_prefix", 0) * len(ids)
-                             + options.get("shared_prefix", 0) * batch.input_ids.shape[0])
+            batch, shared = pack(ids, prefix_lengths, **options), options.get("shared_prefix", 0)
+            rows = batch.input_ids.shape[0]  # the shared prefix is computed once per row instead of once per text
+            positions.append(sum(len(seq) for seq in ids) - shared * (len(ids) - rows))
             return batch
 
         def recorded(objective, rows, step):

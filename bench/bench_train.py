@@ -7,10 +7,10 @@ the run's dtype measured beside each.
         [--st "top 12"]
 
 Each ``--embedkit VARIANT`` is one embedkit run: ``;``-separated recipe overrides (``lora.*`` / ``model.*`` as in
-the recipe, any other key is the stage's, e.g. ``batch_size=64``), plus the bench-only levers ``+compile``
-(torch.compile of the decoder layers, forward and backward), ``+fused_adamw`` (torch's fused CPU AdamW) and
-``+per_tower`` (``sort_by_length=off``: one padded pass per tower, as before towers.py). Each
-``--st LAYERS`` is one sentence-transformers run with LoRA on ``all`` layers or the ``top N``.
+the recipe, ``compile=true``; any other key is the stage's, e.g. ``batch_size=64``), plus ``+compile`` (the same as
+``compile=true``: torch.compile of the decoder layers, forward and backward), the bench-only levers ``+fused_adamw``
+(torch's fused CPU AdamW) and ``+per_tower`` (``sort_by_length=off``: one padded pass per tower, as before
+towers.py). Each ``--st LAYERS`` is one sentence-transformers run with LoRA on ``all`` layers or the ``top N``.
 
 The objectives mirror the shipped recipes: ``supervised`` is the supervised stage of
 recipes/llm2vec-smollm2-supervised-cpu.yaml (SNLI triplets, PromptEOL template, last-token pooling, causal,
@@ -84,11 +84,13 @@ def parse_variant(variant: str) -> tuple[list[str], set[str]]:
     for part in filter(None, (p.strip() for p in variant.split(";"))):
         if part == "+per_tower":  # the code before the towers were sorted together: one padded pass per tower
             overrides.append("stages.0.sort_by_length=off")
+        elif part == "+compile":  # now the recipe key; the flag stays for the commands in docs/training.md
+            overrides.append("compile=true")
         elif part.startswith("+"):
             if part not in BENCH_FLAGS:
                 raise SystemExit(f"unknown bench flag {part!r}; known: {', '.join(BENCH_FLAGS)}")
             flags.add(part)
-        elif part.split("=", 1)[0].split(".")[0] in ("lora", "model", "threads"):
+        elif part.split("=", 1)[0].split(".")[0] in ("lora", "model", "threads", "compile"):
             overrides.append(part)
         else:
             overrides.append(f"stages.0.{part}")
@@ -102,20 +104,8 @@ class Levers:
         self.flags, self.undo = flags, []
 
     def __enter__(self):
-        import embedkit.train.model as model_module
         import embedkit.train.trainer as trainer_module
 
-        if "+compile" in self.flags:
-            from embedkit.compilation import compile_decoder_layers
-
-            wrap = model_module.TrainModel.wrap
-
-            def compiled_wrap(model, lora):
-                peft_model = wrap(model, lora)
-                compile_decoder_layers(model.base)
-                return peft_model
-            model_module.TrainModel.wrap = compiled_wrap
-            self.undo.append(lambda: setattr(model_module.TrainModel, "wrap", wrap))
         if "+fused_adamw" in self.flags:
             build = trainer_module.build_optimizer
 

@@ -18,7 +18,7 @@ from test_train_helpers import TINY_MODEL, write_data
 
 from embedkit import Embedder, distributed
 from embedkit.train import RecipeError, load_recipe, run_recipe
-from embedkit.train.data import DataError
+from embedkit.train.data import BatchPlan, DataError
 from embedkit.train.losses import info_nce
 from embedkit.train.matryoshka import MatryoshkaSpec, matryoshka_loss, truncate, width_problem
 from embedkit.train.objectives.angle import angle_similarity
@@ -214,13 +214,16 @@ def test_distill_from_minilm_trains_and_caches_teacher_vectors(tmp_path):
     run_recipe(recipe)
     losses = losses_of(tmp_path / "run")
     assert len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)
-    assert events_of(tmp_path / "run") == {"0-distill stage: teacher_texts": "64",
-                                           "0-distill stage: teacher_encoded": "64"}
+    rows = [json.loads(line) for line in triplets.read_text().splitlines()]
+    # only the rows of the 3 steps' batches (the trainer's plan for stage 0) get teacher vectors
+    used = BatchPlan(len(rows), 4, load_recipe(recipe).seed).rows(range(3))
+    distinct = {rows[i]["anchor"] for i in used} | {rows[i]["positive"] for i in used}
+    assert len(used) == 12 and 12 <= len(distinct) < 64  # all 32 rows hold 64 distinct texts
+    assert events_of(tmp_path / "run") == {"0-distill stage: teacher_texts": str(len(distinct)),
+                                           "0-distill stage: teacher_encoded": str(len(distinct))}
     parts = list((tmp_path / "run" / "teacher").glob("*/part-00000.npy"))
     assert len(parts) == 1
     vectors = np.load(parts[0], allow_pickle=False)
-    rows = [json.loads(line) for line in triplets.read_text().splitlines()]
-    distinct = {r["anchor"] for r in rows} | {r["positive"] for r in rows}
     assert vectors.shape == (len(distinct), 384) and vectors.dtype == np.float32  # MiniLM's width
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     info = json.loads((parts[0].parent / "teacher.json").read_text())

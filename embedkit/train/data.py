@@ -279,6 +279,10 @@ class BatchPlan:
             self._epoch = epoch
         return self._batches[index]
 
+    def rows(self, steps: range) -> list[int]:
+        """The distinct rows the global batches of ``steps`` hold, ascending."""
+        return sorted({row for step in steps for row in self.batch(step)})
+
 
 def shard(rows: Sequence[int], rank: int, world: int) -> list[int]:
     """This process's contiguous share of a global batch (global order = rank order, for gathering)."""

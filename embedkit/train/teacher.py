@@ -75,6 +75,10 @@ class Teacher:
                                    ) from None
         return self._model
 
+    def close(self) -> None:
+        """Drop the model (it reopens on the next ``encode``)."""
+        self._model = None
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-length teacher vectors of ``texts`` (no instruction: the teacher embeds the plain text)."""
         vectors = np.asarray(self.model().encode(list(texts), None, self.batch_size), dtype=np.float32)

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from embedkit import distributed
+from embedkit.compilation import compile_decoder_layers
 from embedkit.hardware import apply_thread_policy, describe_cpu
 from embedkit.train.checkpoint import ResumeError, unflatten_optimizer
 from embedkit.train.data import BatchPlan, DataError, default_data_dir, shard
@@ -93,6 +94,8 @@ class Trainer:
         needs_head = any(OBJECTIVES[s.objective].needs_lm_head for s in self.recipe.stages)
         self.model = TrainModel(self.recipe.model, self.recipe.lora, needs_head,
                                 _seed_for(self.recipe.seed, -1, -1, 0))
+        if self.recipe.compile:  # in place: the adapters, merges and saved weights see the same modules
+            compile_decoder_layers(self.model.base)
         for i, stage in enumerate(self.recipe.stages):  # before any stage trains: no work is lost
             problem = OBJECTIVES[stage.objective].check_model(stage, self.embedder)
             if problem:
@@ -139,6 +142,7 @@ class Trainer:
         with self.parallel.stage(self.embedder, peft_model):
             plan = BatchPlan(objective.num_rows(), cfg.batch_size, self.recipe.seed + 7919 * index, objective.groups())
             total = cfg.steps or max(1, math.ceil(cfg.epochs * plan.per_epoch))
+            objective.prepare_steps(plan.rows(range(total)))
             start = self._restore(resume, named, optimizer)
             schedule = None
             if cfg.attention_schedule is not None:

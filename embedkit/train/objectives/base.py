@@ -99,6 +99,11 @@ class Objective:
     def prepare(self) -> None:
         """Tokenize (the model is loaded)."""
 
+    def prepare_steps(self, rows: Sequence[int]) -> None:
+        """Once before the first step: every row the stage's steps use (all steps, all processes, so a resumed
+        run sees the same rows). Work per row that the steps need, such as teacher vectors, is done here for
+        these rows only: a short stage on a large mixture touches a fraction of it."""
+
     def num_rows(self) -> int:
         raise NotImplementedError
 

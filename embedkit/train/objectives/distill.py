@@ -2,7 +2,7 @@
 the student sees it, is pulled towards the teacher's (KL with a temperature each, as sentence-transformers'
 ``DistillKLDivLoss``), plus the supervised InfoNCE by weight. The data, batches, negatives and Matryoshka
 block are the supervised objective's; teacher vectors come from ``embedkit/train/teacher.py`` (computed
-once per distinct text, cached in the run folder)."""
+once per distinct text of the rows the stage's steps use, cached in the run folder)."""
 
 from __future__ import annotations
 
@@ -67,20 +67,29 @@ class Distill(Supervised):
             raise DataError(problem)
         return super().check_data(config, data_dir, recipe_dir)
 
-    def prepare(self) -> None:
-        super().prepare()
+    def prepare_steps(self, rows: Sequence[int]) -> None:
+        """Teacher vectors for the texts of the rows the steps use (anchors and positives; hard negatives are
+        scored by the student only), in data order so that the cache key is the same on resume."""
         cfg = self.config
         index: dict[str, int] = {}
-        for text in (*self.rows.anchors, *self.rows.positives):
-            index.setdefault(text, len(index))
-        self.anchor_ids = np.array([index[t] for t in self.rows.anchors], dtype=np.int64)
-        self.positive_ids = np.array([index[t] for t in self.rows.positives], dtype=np.int64)
+        for row in rows:
+            index.setdefault(self.rows.anchors[row], len(index))
+        for row in rows:
+            index.setdefault(self.rows.positives[row], len(index))
+        self.anchor_ids = np.full(len(self.rows), -1, dtype=np.int64)
+        self.positive_ids = np.full(len(self.rows), -1, dtype=np.int64)
+        used = np.asarray(rows, dtype=np.int64)
+        self.anchor_ids[used] = [index[self.rows.anchors[r]] for r in rows]
+        self.positive_ids[used] = [index[self.rows.positives[r]] for r in rows]
         self.teacher = Teacher(cfg.teacher, cfg.teacher_max_length, cfg.teacher_batch_size)
         self.teacher_vectors = torch.from_numpy(self.teacher.vectors(list(index), self.ctx.run_dir))
+        self.teacher.close()  # the vectors are all the steps need: free the teacher's memory for training
 
     def loss_terms(self, loss_fn, rows: Sequence[int]):
         cfg, device = self.config, self.ctx.embedder.device
         picked = np.asarray(rows, dtype=np.int64)
+        if (self.anchor_ids[picked] < 0).any():
+            raise RuntimeError("distill: a step asked for rows outside the plan given to prepare_steps.")
         teacher_a = self.teacher_vectors[self.anchor_ids[picked]].to(device)
         teacher_p = self.teacher_vectors[self.positive_ids[picked]].to(device)
 

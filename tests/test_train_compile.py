@@ -1,0 +1,53 @@
+"""The recipe key ``compile``: the decoder layers run through torch.compile while training, with the same losses
+and saved weights as eager (up to float32 rounding), and the recipe's fingerprint unchanged."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from test_train_helpers import TINY_MODEL, write_data
+
+from embedkit.compilation import is_compiled
+from embedkit.train import load_recipe, run_recipe
+from embedkit.train.trainer import Trainer
+
+
+def _recipe(data: Path, output: Path, compile_layers: bool) -> dict:
+    _, triplets = write_data(data)
+    return {"model": {"base": TINY_MODEL, "dtype": "float32", "attention": "causal", "pooling": "mean",
+                      "max_length": 24},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "output_dir": str(output), "seed": 5, "threads": 1,
+            "compile": compile_layers, "checkpoint": {"every": 0},
+            "logging": {"every": 1, "progress_bar": False, "tensorboard": False, "plot": False},
+            # packed towers (no dropout): lengths change every step, one dynamic-shape graph serves them
+            "stages": [{"objective": "supervised", "data": {"paths": [str(triplets)]}, "steps": 3, "batch_size": 4,
+                        "optimizer": {"lr": 1e-3}}]}
+
+
+def _losses(run: Path) -> list[float]:
+    with open(run / "metrics.csv", newline="") as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle) if not row["event"]]
+
+
+def test_compiled_training_gives_the_eager_losses_and_weights(tmp_path):
+    eager = run_recipe(_recipe(tmp_path / "data", tmp_path / "eager", False))
+    compiled = run_recipe(_recipe(tmp_path / "data", tmp_path / "compiled", True))
+    losses, expected = _losses(tmp_path / "compiled"), _losses(tmp_path / "eager")
+    assert len(losses) == 3
+    assert all(abs(a - b) <= 1e-4 * b for a, b in zip(losses, expected, strict=True)), (losses, expected)
+    weights, reference = load_file(compiled / "model.safetensors"), load_file(eager / "model.safetensors")
+    assert weights.keys() == reference.keys()  # compiling wraps the layers in place: same names, nothing added
+    for name, tensor in reference.items():
+        assert torch.allclose(weights[name], tensor, atol=1e-5), name
+
+
+def test_compile_is_applied_to_the_layers_and_left_out_of_the_fingerprint(tmp_path):
+    recipe = _recipe(tmp_path / "data", tmp_path / "run", True)
+    trainer = Trainer(load_recipe(recipe), resume=False)
+    trainer.load_model()
+    assert is_compiled(trainer.model.base)
+    recipe["compile"] = False
+    assert load_recipe(recipe).fingerprint() == trainer.recipe.fingerprint()  # a resume may switch it

@@ -181,6 +181,7 @@ def packing_blocker(embedder, longest: int) -> str | None:
     return None
 
 
+@torch.compiler.set_stance("force_eager")  # compiled layers (compilation.py) would compile graphs for these shapes
 @torch.inference_mode()
 def probe_packing(model: nn.Module) -> bool:
     """Whether two probe texts packed into one row give the states they get padded (once per model and mode)."""

@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import load_file
 from test_train_helpers import TINY_MODEL, write_data
 
-from embedkit.compilation import is_compiled
+from embedkit import Embedder
+from embedkit.compilation import compile_decoder_layers, is_compiled
+from embedkit.packing import probe_packing
 from embedkit.train import load_recipe, run_recipe
 from embedkit.train.trainer import Trainer
 
@@ -51,3 +53,16 @@ def test_compile_is_applied_to_the_layers_and_left_out_of_the_fingerprint(tmp_pa
     assert is_compiled(trainer.model.base)
     recipe["compile"] = False
     assert load_recipe(recipe).fingerprint() == trainer.recipe.fingerprint()  # a resume may switch it
+
+
+def test_probes_run_eager_on_compiled_layers(stories_path):
+    """The attention and packing probes are checks on odd shapes: with compiled layers they would each compile
+    graphs (minutes on a CPU) before the first training step."""
+    from torch._dynamo.utils import counters
+
+    embedder = Embedder.from_pretrained(stories_path, dtype="float32", attention="causal")
+    compile_decoder_layers(embedder.backbone)
+    before = sum(counters["frames"].values())
+    embedder.set_attention("bidirectional")  # verified by attention.verify_mode
+    assert probe_packing(embedder.backbone)
+    assert sum(counters["frames"].values()) == before  # dynamo saw no frame: nothing compiled

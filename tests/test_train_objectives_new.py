@@ -149,6 +149,9 @@ def test_distill_weighs_its_kl_and_the_contrastive_loss():
     objective.config = config.model_copy(update={"contrastive_weight": 0.0})
     assert objective.loss_terms(lambda *x: torch.tensor(float("nan")), [2, 0])(a, p).item() == \
         pytest.approx(2.0 * kl.item(), rel=1e-6)
+    objective.anchor_ids[1] = -1  # a row the plan never gave to prepare_steps has no teacher vector
+    with pytest.raises(RuntimeError, match="outside the plan given to prepare_steps"):
+        objective.loss_terms(lambda *x: torch.tensor(0.0), [1, 0])
 
 
 def _gathered_losses(weight, a, p, ta, tp, gold):

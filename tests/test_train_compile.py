@@ -3,12 +3,11 @@ and saved weights as eager (up to float32 rounding), and the recipe's fingerprin
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from test_train_helpers import TINY_MODEL, write_data
+from test_train_helpers import TINY_MODEL, losses_of, write_data
 
 from embedkit import Embedder
 from embedkit.compilation import compile_decoder_layers, is_compiled
@@ -29,15 +28,10 @@ def _recipe(data: Path, output: Path, compile_layers: bool) -> dict:
                         "optimizer": {"lr": 1e-3}}]}
 
 
-def _losses(run: Path) -> list[float]:
-    with open(run / "metrics.csv", newline="") as handle:
-        return [float(row["loss"]) for row in csv.DictReader(handle) if not row["event"]]
-
-
 def test_compiled_training_gives_the_eager_losses_and_weights(tmp_path):
     eager = run_recipe(_recipe(tmp_path / "data", tmp_path / "eager", False))
     compiled = run_recipe(_recipe(tmp_path / "data", tmp_path / "compiled", True))
-    losses, expected = _losses(tmp_path / "compiled"), _losses(tmp_path / "eager")
+    losses, expected = losses_of(tmp_path / "compiled"), losses_of(tmp_path / "eager")
     assert len(losses) == 3
     assert all(abs(a - b) <= 1e-4 * b for a, b in zip(losses, expected, strict=True)), (losses, expected)
     weights, reference = load_file(compiled / "model.safetensors"), load_file(eager / "model.safetensors")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -71,3 +72,9 @@ def tiny_recipe(folder: Path, output: Path, **extra) -> dict:
     }
     recipe.update(extra)
     return recipe
+
+
+def losses_of(run: Path) -> list[float]:
+    """The logged losses of a run (metrics.csv rows that are not events)."""
+    with open(run / "metrics.csv", newline="") as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle) if not row["event"]]

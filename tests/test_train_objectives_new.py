@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from gloo import assert_processes_match_one
-from test_train_helpers import TINY_MODEL, write_data
+from test_train_helpers import TINY_MODEL, losses_of, write_data
 
 from embedkit import Embedder, distributed
 from embedkit.train import RecipeError, load_recipe, run_recipe
@@ -37,11 +37,6 @@ def base_recipe(output: Path, stages: list[dict]) -> dict:
             "checkpoint": {"every": 0}, "logging": {"every": 1, "progress_bar": False, "tensorboard": False,
                                                     "plot": False},
             "stages": stages}
-
-
-def losses_of(run: Path) -> list[float]:
-    with open(run / "metrics.csv", newline="") as handle:
-        return [float(row["loss"]) for row in csv.DictReader(handle) if not row["event"]]
 
 
 def events_of(run: Path) -> dict[str, str]:

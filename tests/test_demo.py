@@ -12,8 +12,7 @@ from embedkit.evaluation.sts import sts_spearman
 def test_demo_end_to_end_on_stories(stories_path, data_dir, tmp_path):
     lines: list[str] = []
     overrides = [f"model.base={stories_path}", "model.dtype=float32", f"output_dir={tmp_path / 'run'}",
-                 "stages.0.steps=2", "stages.0.mask_token=new", "stages.0.batch_size=2",
-                 "stages.1.steps=2", "stages.1.batch_size=4",
+                 "stages.0.steps=2", "stages.0.batch_size=4", "compile=false",  # compiled steps: test_train_compile
                  "evaluate.sts_splits=[]", "logging.progress_bar=false", "checkpoint.every=0"]
     figures = run_demo(data_dir, DEFAULT_RECIPE, overrides, echo=lines.append, with_baselines=False)
     text = "\n".join(lines)
@@ -47,7 +46,7 @@ def test_missing_data_is_found_before_any_model_loads(tmp_path, data_dir, monkey
     message = str(err.value)
     assert message.startswith("The demo cannot run (nothing was loaded yet): Task folder ")
     assert "retrieval/MSMARCO-5k does not exist" in message
-    assert "Data file 'unlabeled/WikiText2/sentences.txt' not found" in message
+    assert "stages.0 (distill): Data file 'triplets/SNLI/train.jsonl' not found" in message
     assert "STSBenchmark" not in message  # present and sound
     with pytest.raises(ValueError, match=r"--no-train needs a trained embedder in .*run/final"):
         run_demo(data_dir, DEFAULT_RECIPE, [f"output_dir={tmp_path / 'run'}"], train=False, echo=lambda line: None)

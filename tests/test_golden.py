@@ -16,6 +16,7 @@ from sentence_transformers import SentenceTransformer
 
 from embedkit import Embedder
 from embedkit.embedder import open_model
+from embedkit.train import load_recipe
 
 CASES = json.loads((g.GOLDEN / "cases.json").read_text())
 LOSSES = json.loads((g.GOLDEN / "losses.json").read_text())
@@ -54,7 +55,19 @@ def test_first_step_losses(recipe):
 def test_every_shipped_cpu_recipe_is_covered():
     shipped = {p.stem for p in (g.REPO / "recipes").glob("*.yaml")}
     big = {"conan-qwen2.5-1.5b", "gem-llama3.1-8b", "nvembed-mistral-7b", "tp-llama2-7b"}
-    assert shipped - big == {*g.TRAIN_RECIPES, g.TP_RECIPE}
+    assert shipped - big == {*g.TRAIN_RECIPES, *g.STEP_VARIANTS, g.TP_RECIPE}
+
+
+@pytest.mark.parametrize(("variant", "parent"), g.STEP_VARIANTS.items())
+def test_a_step_variant_is_its_parent_recipe_at_fewer_steps(variant, parent):
+    def settings(name: str) -> dict:
+        recipe = load_recipe(g.REPO / "recipes" / f"{name}.yaml").model_dump(exclude={"name", "output_dir"})
+        recipe["steps"] = [stage.pop("steps") for stage in recipe["stages"]]
+        return recipe
+
+    mine, theirs = settings(variant), settings(parent)
+    assert all(a < b for a, b in zip(mine.pop("steps"), theirs.pop("steps"), strict=True))
+    assert mine == theirs
 
 
 def test_index_search(tmp_path):

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from test_train_helpers import TINY_MODEL, losses_of, write_data
 
 from embedkit import Embedder
-from embedkit.compilation import compile_decoder_layers, is_compiled
+from embedkit.compilation import compile_decoder_layers, compile_pays, is_compiled
 from embedkit.packing import probe_packing
 from embedkit.train import load_recipe, run_recipe
 from embedkit.train.trainer import Trainer
 
 
-def _recipe(data: Path, output: Path, compile_layers: bool) -> dict:
+def _recipe(data: Path, output: Path, compile_layers: bool | str) -> dict:
     _, triplets = write_data(data)
     return {"model": {"base": TINY_MODEL, "dtype": "float32", "attention": "causal", "pooling": "mean",
                       "max_length": 24},
@@ -47,6 +48,22 @@ def test_compile_is_applied_to_the_layers_and_left_out_of_the_fingerprint(tmp_pa
     assert is_compiled(trainer.model.base)
     recipe["compile"] = False
     assert load_recipe(recipe).fingerprint() == trainer.recipe.fingerprint()  # a resume may switch it
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [("float32", True), ("bfloat16", False)])
+def test_compile_auto_compiles_a_float32_model_on_cpu_only(tmp_path, dtype, expected):
+    recipe = _recipe(tmp_path / "data", tmp_path / "run", "auto")
+    recipe["model"]["dtype"] = dtype
+    trainer = Trainer(load_recipe(recipe), resume=False)
+    trainer.load_model()
+    assert is_compiled(trainer.model.base) is expected
+    assert compile_pays(True, trainer.model.base) and not compile_pays(False, trainer.model.base)
+
+
+def test_compile_takes_only_true_false_or_auto(tmp_path):
+    recipe = _recipe(tmp_path / "data", tmp_path / "run", "sometimes")
+    with pytest.raises(ValueError, match="compile"):
+        load_recipe(recipe)
 
 
 def test_probes_run_eager_on_compiled_layers(stories_path):

@@ -1,6 +1,7 @@
 """The main job end to end on the embedded default (``embedkit demo``): baselines -> train a recipe -> STS-B
 before/after through MTEB's evaluator -> encode and index a retrieval corpus -> search. ``make demo`` runs it on
-SmolLM2-135M. It uses train, corpus, index and evaluation, so it lives in the top layer, beside its command.
+Gemma 3 270M with the best recipe that fits its budget. It uses train, corpus, index and evaluation, so it lives
+in the top layer, beside its command.
 
 Every model forward it makes is one it reports: the untrained figure of the recipe's own setup is taken from the
 baselines, the recipe's per-stage STS-B scoring is switched off (the demo scores the final model once, with MTEB),
@@ -32,7 +33,7 @@ from embedkit.train import load_recipe, run_recipe
 from embedkit.train.trainer import check_data
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_RECIPE = ROOT / "recipes" / "llm2vec-smollm2-supervised-cpu.yaml"
+DEFAULT_RECIPE = ROOT / "recipes" / "distill-gemma3-270m-demo.yaml"
 BASELINE_SETUPS = [  # attention, pooling, template (causal + last without a template, 31.6: BASELINES.md)
     ("causal", "mean", None),
     ("bidirectional", "mean", None),

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from embedkit import distributed
-from embedkit.compilation import compile_decoder_layers
+from embedkit.compilation import compile_decoder_layers, compile_pays
 from embedkit.hardware import apply_thread_policy, describe_cpu
 from embedkit.train.checkpoint import ResumeError, unflatten_optimizer
 from embedkit.train.data import BatchPlan, DataError, default_data_dir, shard
@@ -94,7 +94,7 @@ class Trainer:
         needs_head = any(OBJECTIVES[s.objective].needs_lm_head for s in self.recipe.stages)
         self.model = TrainModel(self.recipe.model, self.recipe.lora, needs_head,
                                 _seed_for(self.recipe.seed, -1, -1, 0))
-        if self.recipe.compile:  # in place: the adapters, merges and saved weights see the same modules
+        if compile_pays(self.recipe.compile, self.model.base):  # in place: adapters, merges, saves see the same
             compile_decoder_layers(self.model.base)
         for i, stage in enumerate(self.recipe.stages):  # before any stage trains: no work is lost
             problem = OBJECTIVES[stage.objective].check_model(stage, self.embedder)

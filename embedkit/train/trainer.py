@@ -94,7 +94,8 @@ class Trainer:
         needs_head = any(OBJECTIVES[s.objective].needs_lm_head for s in self.recipe.stages)
         self.model = TrainModel(self.recipe.model, self.recipe.lora, needs_head,
                                 _seed_for(self.recipe.seed, -1, -1, 0))
-        if compile_pays(self.recipe.compile, self.model.base):  # in place: adapters, merges, saves see the same
+        # in place: the adapters, merges and saved weights see the same modules
+        if compile_pays(self.recipe.compile, self.model.base):
             compile_decoder_layers(self.model.base)
         for i, stage in enumerate(self.recipe.stages):  # before any stage trains: no work is lost
             problem = OBJECTIVES[stage.objective].check_model(stage, self.embedder)

@@ -82,6 +82,25 @@ def test_distill_kl_matches_hand_computation():
                       teacher_temperature=0.5).item() > 0.1
 
 
+def test_distill_kl_of_a_tower_against_itself_leaves_each_texts_own_column_out():
+    torch.manual_seed(4)
+    student, teacher = torch.randn(3, 5), torch.randn(3, 4)
+    kl = distill_kl(student, student, teacher, teacher, student_temperature=0.1, teacher_temperature=0.2,
+                    exclude_self=True)
+    expected = 0.0
+    for i in range(3):
+        others = [j for j in range(3) if j != i]
+        s = torch.log_softmax(torch.stack([torch.cosine_similarity(student[i], student[j], dim=0)
+                                           for j in others]) / 0.1, dim=0)
+        t = torch.log_softmax(torch.stack([torch.cosine_similarity(teacher[i], teacher[j], dim=0)
+                                           for j in others]) / 0.2, dim=0)
+        expected += (t.exp() * (t - s)).sum().item()
+    assert kl.item() == pytest.approx(expected, rel=1e-5)
+    # with its own column kept, each row's own cosine (1 on both sides) would dominate both softmaxes
+    assert distill_kl(student, student, teacher, teacher, student_temperature=0.1,
+                      teacher_temperature=0.2).item() != pytest.approx(expected, rel=1e-3)
+
+
 def test_cosent_ranks_pairs_with_different_scores_only():
     sims, gold = torch.tensor([0.9, 0.1, 0.5]), torch.tensor([5.0, 0.0, 3.0])
     # pairs with gold_i < gold_j: (1, 0): 0.1-0.9, (1, 2): 0.1-0.5, (2, 0): 0.5-0.9
@@ -149,8 +168,25 @@ def test_distill_weighs_its_kl_and_the_contrastive_loss():
         objective.loss_terms(lambda *x: torch.tensor(0.0), [1, 0])
 
 
+def test_distill_relations_add_one_kl_each():
+    config = DistillConfig(data={"paths": ["x"]}, steps=1, teacher="t", contrastive_weight=0.0,
+                           distill_relations=["anchor_positive", "positive_anchor", "anchor_anchor",
+                                              "positive_positive"])
+    objective = Distill(config, SimpleNamespace(embedder=SimpleNamespace(device=torch.device("cpu"))))
+    torch.manual_seed(5)
+    objective.teacher_vectors = torch.randn(6, 3)
+    objective.anchor_ids, objective.positive_ids = np.array([0, 1, 2]), np.array([3, 4, 5])
+    a, p = torch.randn(3, 8), torch.randn(3, 8)
+    ta, tp = objective.teacher_vectors[:3], objective.teacher_vectors[3:]
+    kl = partial(distill_kl, student_temperature=0.05, teacher_temperature=0.05)
+    expected = (kl(a, p, ta, tp) + kl(p, a, tp, ta) + kl(a, a, ta, ta, exclude_self=True)
+                + kl(p, p, tp, tp, exclude_self=True))
+    assert objective.loss_terms(None, [0, 1, 2])(a, p).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def _gathered_losses(weight, a, p, ta, tp, gold):
-    """(CoSENT loss, distillation KL / n) of the rows given: one process, or this process's rows of a group."""
+    """(CoSENT loss, distillation KL / n, anchor-anchor KL / n) of the rows given: one process, or this process's
+    rows of a group (the last: each process leaves out its own rows' columns of the gathered anchors)."""
     sims = torch.nn.functional.cosine_similarity(a @ weight, p @ weight)
     world = distributed.world_size()
     if world > 1:
@@ -158,7 +194,9 @@ def _gathered_losses(weight, a, p, ta, tp, gold):
     else:
         cosent = cosent_loss(sims, gold, 20.0)
     kl = distill_kl(a @ weight, p @ weight, ta, tp, student_temperature=0.05, teacher_temperature=0.1)
-    return cosent, kl / (len(a) * world)
+    among_anchors = distill_kl(a @ weight, a @ weight, ta, ta, student_temperature=0.05, teacher_temperature=0.1,
+                               exclude_self=True)
+    return cosent, kl / (len(a) * world), among_anchors / (len(a) * world)
 
 
 def _shard_losses(rows, rank, world, w):
@@ -280,6 +318,10 @@ def test_matryoshka_dims_wider_than_the_model_fail_before_any_stage_trains(tmp_p
     ("matryoshka", {"dims": [32, 32]}, "dims [32, 32] repeat a width"),
     ("distill_weight", 0, "stages.0.distill_weight = 0: Input should be greater than 0"),
     ("contrastive_weight", -1, "stages.0.contrastive_weight = -1: Input should be greater than or equal to 0"),
+    ("distill_relations", [], "stages.0.distill_relations = []: List should have at least 1 item"),
+    ("distill_relations", ["anchor_negative"], "stages.0.distill_relations.0 = 'anchor_negative': Input should be "
+                                               "'anchor_positive', 'positive_anchor', 'anchor_anchor' or "
+                                               "'positive_positive'"),
 ])
 def test_bad_weights_and_dims_are_refused_at_recipe_check(tmp_path, key, value, message):
     stage = {"objective": "distill", "teacher": "all-MiniLM-L6-v2", "data": {"paths": ["x.jsonl"]}, "steps": 1,

@@ -1,8 +1,11 @@
 """Distillation from a teacher embedder: each anchor's similarity distribution over the batch's positives, as
 the student sees it, is pulled towards the teacher's (KL with a temperature each, as sentence-transformers'
-``DistillKLDivLoss``), plus the supervised InfoNCE by weight. The data, batches, negatives and Matryoshka
-block are the supervised objective's; teacher vectors come from ``embedkit/train/teacher.py`` (computed
-once per distinct text of the rows the stage's steps use, cached in the run folder)."""
+``DistillKLDivLoss``), plus the supervised InfoNCE by weight. ``distill_relations`` adds the other in-batch
+distributions the teacher knows (positives over anchors, anchors over the other anchors, positives over the other
+positives): relational distillation, the teacher's whole similarity matrix rather than one block of it. The data,
+batches, negatives and Matryoshka block are the supervised objective's; teacher vectors come from
+``embedkit/train/teacher.py`` (computed once per distinct text of the rows the stage's steps use, cached in the
+run folder)."""
 
 from __future__ import annotations
 
@@ -15,11 +18,13 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from embedkit import distributed
-from embedkit.train.config import PositiveFloat, PositiveInt
+from embedkit.train.config import PositiveFloat, PositiveInt, added_later
 from embedkit.train.data import DataError
 from embedkit.train.objectives.base import register_objective
 from embedkit.train.objectives.supervised import Supervised, SupervisedConfig
 from embedkit.train.teacher import Teacher, teacher_problem
+
+Relation = Literal["anchor_positive", "positive_anchor", "anchor_anchor", "positive_positive"]
 
 
 class DistillConfig(SupervisedConfig):
@@ -34,23 +39,35 @@ class DistillConfig(SupervisedConfig):
     teacher_temperature: PositiveFloat = 0.05
     teacher_max_length: PositiveInt | None = Field(None, description="The teacher's token limit (its own: None).")
     teacher_batch_size: PositiveInt = 64
+    distill_relations: list[Relation] = added_later(
+        ["anchor_positive"], min_length=1,
+        description="Which in-batch distributions are distilled, as rows_candidates; a tower against itself leaves "
+                    "each text's own column out. Each adds its KL to the distillation term.")
 
 
 def distill_kl(anchors: torch.Tensor, positives: torch.Tensor, teacher_anchors: torch.Tensor,
                teacher_positives: torch.Tensor, *, student_temperature: float, teacher_temperature: float,
-               gather: bool = True) -> torch.Tensor:
+               gather: bool = True, exclude_self: bool = False) -> torch.Tensor:
     """KL(teacher || student) of each local anchor's softmax over the (global, with ``gather``) positives of
-    cosine / temperature, summed over local anchors.
+    cosine / temperature, summed over local anchors. ``exclude_self``: the candidates are the rows' own tower,
+    so each row's own column (its cosine with itself) is left out of both softmaxes.
 
     Unlike ``DistillKLDivLoss`` there is no ``temperature**2`` factor: the KL's gradient per cosine is already
     ``(p_student - p_teacher) / student_temperature``, the order of InfoNCE's, so ``distill_weight`` compares
     the two terms directly.
     """
+    offset = 0
     if gather and distributed.world_size() > 1:
         positives = distributed.gather_with_grad(positives)
         teacher_positives = distributed.all_gather(teacher_positives)
+        offset = distributed.rank() * len(anchors)
     student = F.normalize(anchors.float(), dim=-1) @ F.normalize(positives.float(), dim=-1).T
     teacher = F.normalize(teacher_anchors.float(), dim=-1) @ F.normalize(teacher_positives.float(), dim=-1).T
+    if exclude_self:
+        rows, cols = student.shape
+        others = torch.ones(rows, cols, dtype=torch.bool, device=student.device)
+        others[torch.arange(rows), torch.arange(rows) + offset] = False
+        student, teacher = student[others].view(rows, cols - 1), teacher[others].view(rows, cols - 1)
     log_student = torch.log_softmax(student / student_temperature, dim=-1)
     log_teacher = torch.log_softmax(teacher / teacher_temperature, dim=-1)
     return (log_teacher.exp() * (log_teacher - log_student)).sum()
@@ -94,9 +111,16 @@ class Distill(Supervised):
         teacher_p = self.teacher_vectors[self.positive_ids[picked]].to(device)
 
         def terms(anchors, positives, negatives=None):
-            total = cfg.distill_weight * distill_kl(
-                anchors, positives, teacher_a, teacher_p, student_temperature=cfg.student_temperature,
-                teacher_temperature=cfg.teacher_temperature, gather=cfg.gather_across_processes)
+            towers = {"anchor": (anchors, teacher_a), "positive": (positives, teacher_p)}
+            kl = 0.0
+            for relation in dict.fromkeys(cfg.distill_relations):
+                row_name, candidate_name = relation.split("_")
+                (rows, teacher_rows), (candidates, teacher_candidates) = towers[row_name], towers[candidate_name]
+                kl = kl + distill_kl(
+                    rows, candidates, teacher_rows, teacher_candidates, student_temperature=cfg.student_temperature,
+                    teacher_temperature=cfg.teacher_temperature, gather=cfg.gather_across_processes,
+                    exclude_self=row_name == candidate_name)
+            total = cfg.distill_weight * kl
             if cfg.contrastive_weight > 0:
                 total = total + cfg.contrastive_weight * loss_fn(anchors, positives, negatives)
             return total

@@ -4,7 +4,14 @@ choices, and ../shared has no retrieval dev split. distill-gemma3-270m-cpu caps 
 source may have seen some): each question searches the distinct sentences of those rows (one relevant each);
 reported: nDCG@10, recall@1 and recall@10, plus STS-B dev Spearman for reference.
 
+The test sets that trail are passage retrieval (MSMARCO-5k, DBPedia-5k: documents of 52-60 words, median), and a
+model trained on sentences can rank sentences well and passages badly. The rows are in article order, so runs of
+consecutive distinct sentences are passages of one article: ``passage_*`` scores each question against the
+passages of ``--passage-sentences`` (2: 54 words, median) consecutive sentences, the relevant one holding its answer
+sentence, its neighbours from the same article among the distractors.
+
     python bench/bench_dev_retrieval.py runs/distill-gemma3-270m-cpu/final [more saved embedders or specs ...]
+    python bench/bench_dev_retrieval.py all-MiniLM-L6-v2   # the teacher, for reference
 
 Results append to bench/results/dev_retrieval.jsonl (one line per model).
 """
@@ -18,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from embedkit.embedder import Embedder, open_model
+from embedkit.embedder import Embedder
+from embedkit.evaluation.mteb_model import LoadedModel, open_eval_model
 from embedkit.evaluation.sts import sts_spearman
 from embedkit.hardware import describe_cpu
 from embedkit.io import iter_text_lines
@@ -49,6 +57,31 @@ def heldout_pairs(data: Path, rows: int) -> tuple[list[str], list[str], np.ndarr
     return [r["anchor"] for r in picked], sentences, np.array([where[r["positive"]] for r in picked])
 
 
+def passages(sentences: list[str], gold: np.ndarray, size: int) -> tuple[list[str], np.ndarray]:
+    """Runs of ``size`` consecutive distinct sentences joined into passages, and each question's passage."""
+    return [" ".join(sentences[i:i + size]) for i in range(0, len(sentences), size)], gold // size
+
+
+class PlainTexts:
+    """A sentence-transformers model (all-MiniLM-L6-v2, the distillation teacher) with the calls ``score`` and
+    ``sts_spearman`` make: unit vectors of the plain texts, no instructions."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+
+    def encode(self, texts: list[str], normalize: bool = True) -> np.ndarray:
+        vectors = np.asarray(self.loaded.encode(list(texts), None, None), dtype=np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True) if normalize else vectors
+
+    encode_queries = encode_documents = encode
+
+
+def open_encoder(spec: str, max_length: int) -> Embedder | PlainTexts:
+    """An embedkit model as the harness opens it, or a sentence-transformers one (``all-MiniLM-L6-v2``)."""
+    loaded = open_eval_model(spec, max_length=max_length)
+    return loaded.model if loaded.backend == "embedkit" else PlainTexts(loaded)
+
+
 def score(embedder: Embedder, questions: list[str], sentences: list[str], gold: np.ndarray) -> dict[str, float]:
     """nDCG@10 with one relevant document equals 1 / log2(rank + 1) when the rank is within 10."""
     q = embedder.encode_queries(questions, normalize=True)
@@ -65,13 +98,18 @@ def main() -> None:
     parser.add_argument("models", nargs="+")
     parser.add_argument("--rows", type=int, default=6000)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--passage-sentences", type=int, default=2)
     parser.add_argument("--data", type=Path, default=DATA)
     args = parser.parse_args()
     questions, sentences, gold = heldout_pairs(args.data, args.rows)
+    docs, doc_gold = passages(sentences, gold, args.passage_sentences)
     for model in args.models:
-        embedder = open_model(model, max_length=args.max_length)
+        embedder = open_encoder(model, args.max_length)
+        by_passage = score(embedder, questions, docs, doc_gold)
         result = {"model": model, "rows": args.rows, "sentences": len(sentences), **score(embedder, questions,
-                  sentences, gold), "sts_dev": sts_spearman(embedder, args.data, "dev"), "cpu": describe_cpu()}
+                  sentences, gold), "passage_sentences": args.passage_sentences, "passages": len(docs),
+                  **{f"passage_{k}": v for k, v in by_passage.items()},
+                  "sts_dev": sts_spearman(embedder, args.data, "dev"), "cpu": describe_cpu()}
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with RESULTS.open("a", encoding="utf-8") as f:

@@ -1,18 +1,20 @@
 """False negatives in InfoNCE: in-batch duplicates (same positive text, same anchor text) and the margin rule are
-left out of an anchor's softmax, checked against the loss computed by hand without those candidates; and
-processes holding different numbers of hard negatives (a batch mixing pairs and triplets) give the
-one-process loss and gradients."""
+left out of an anchor's softmax, checked against the loss computed by hand without those candidates, in both
+directions of the symmetric loss; and processes holding different numbers of hard negatives (a batch mixing pairs
+and triplets) give the one-process loss and gradients."""
 
 from __future__ import annotations
 
 import hashlib
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from gloo import assert_processes_match_one
 
 from embedkit.train.losses import FalseNegatives, info_nce, text_keys
+from embedkit.train.objectives.supervised import Supervised, SupervisedConfig
 
 T = 0.05
 
@@ -50,6 +52,33 @@ def test_duplicate_positives_anchors_and_negatives_are_left_out():
     assert torch.equal(info_nce(a, p, n, temperature=T, false_negatives=off), info_nce(a, p, n, temperature=T))
 
 
+def test_the_reversed_rule_leaves_out_the_positives_side_duplicates():
+    torch.manual_seed(6)
+    a, p = torch.randn(4, 8), torch.randn(4, 8)
+    rule = FalseNegatives(text_keys(["q", "q", "r", "s"]), text_keys(["x", "y", "x", "z"]), counts={})
+    got = info_nce(p, a, temperature=T, false_negatives=rule.reversed())
+    # each positive against anchors 0-3 (the target: its own row's anchor)
+    keep = [[0, 3],  # 1: the same anchor text 'q'; 2: the anchor of a row with the same positive 'x'
+            [1, 2, 3],  # 0: the same anchor text 'q'
+            [1, 2, 3],  # 0: the anchor of a row with the same positive 'x'
+            [0, 1, 2, 3]]
+    assert torch.allclose(got, by_hand(p, a, keep), atol=1e-5)
+    assert rule.counts == {}  # the report counts the anchors' direction only
+
+
+def test_symmetric_supervised_loss_is_the_mean_of_both_directions():
+    torch.manual_seed(7)
+    a, p, n = torch.randn(3, 8), torch.randn(3, 8), torch.randn(1, 8)
+    rule = FalseNegatives(text_keys(["q", "q", "r"]), text_keys(["x", "y", "z"]), text_keys(["y"]))
+    config = SupervisedConfig(data={"paths": ["x"]}, steps=1, temperature=T, symmetric=True)
+    got = Supervised(config, SimpleNamespace()).info_nce(a, p, n, rule)
+    forward = by_hand(a, torch.cat([p, n]), [[0, 2, 3], [1, 2], [0, 1, 2, 3]])  # 'q' twice; 3 is row 1's positive
+    backward = by_hand(p, a, [[0, 2], [1, 2], [0, 1, 2]])  # the hard negative is no candidate backwards
+    assert torch.allclose(got, (forward + backward) / 2, atol=1e-5)
+    one_way = Supervised(config.model_copy(update={"symmetric": False}), SimpleNamespace())
+    assert torch.equal(one_way.info_nce(a, p, n, rule), info_nce(a, p, n, temperature=T, false_negatives=rule))
+
+
 def test_without_duplicates_the_loss_is_unchanged_bit_for_bit():
     torch.manual_seed(1)
     a, p, n = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)
@@ -75,7 +104,8 @@ ANCHORS, POSITIVES, NEGATIVES = ["q", "r", "q", "s"], ["x", "y", "z", "x"], ["w"
 
 def _loss(a, p, n, anchors, positives, negatives, w):
     rule = FalseNegatives(text_keys(anchors), text_keys(positives), text_keys(negatives))
-    return info_nce(a @ w, p @ w, n @ w, temperature=T, false_negatives=rule)
+    return info_nce(a @ w, p @ w, n @ w, temperature=T, false_negatives=rule) + \
+        info_nce(p @ w, a @ w, temperature=T, false_negatives=rule.reversed())  # the symmetric loss's other side
 
 
 def _shard_loss(a, p, n, rank, world, w):
@@ -84,7 +114,7 @@ def _shard_loss(a, p, n, rank, world, w):
     return [_loss(a[rows], p[rows], n[negs], ANCHORS[rows], POSITIVES[rows], NEGATIVES[negs], w)]
 
 
-def test_processes_with_different_negative_counts_give_the_one_process_loss():
+def test_processes_with_different_negative_counts_give_the_one_process_loss_in_both_directions():
     torch.manual_seed(3)
     a, p, n = torch.randn(4, 6), torch.randn(4, 6), torch.randn(3, 6)
     weight = torch.randn(6, 6)

@@ -54,6 +54,11 @@ class FalseNegatives:
     margin: float | None = None
     counts: dict[str, int] | None = None
 
+    def reversed(self) -> FalseNegatives:
+        """The rule for the other direction of a symmetric loss, each positive against the anchors: the keys'
+        roles swapped (an anchor text twice, or two rows sharing a positive), no hard negatives, not counted."""
+        return FalseNegatives(self.positive_keys, self.anchor_keys, None, self.duplicates, self.margin, None)
+
     def excluded(self, cosine: torch.Tensor, labels: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor]
                  ) -> torch.Tensor:
         """(n, candidates) True where a candidate is left out; ``cosine`` is the anchors' (detached) cosine to

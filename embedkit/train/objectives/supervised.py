@@ -1,18 +1,20 @@
 """Supervised contrastive (LLM2Vec / E5 style): (anchor, positive[, hard negatives]) rows; each anchor against
-its positive, the other rows' positives and all hard negatives of the (global) batch. Which hard negatives a
-row uses is the registered ``negative_selection`` (``embedkit/train/negatives.py``)."""
+its positive, the other rows' positives and all hard negatives of the (global) batch (``symmetric``: also each
+positive against the anchors). Which hard negatives a row uses is the registered ``negative_selection``
+(``embedkit/train/negatives.py``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import torch
 from pydantic import model_validator
 
 from embedkit.batching import Tokenized
-from embedkit.train.config import NonNegativeInt, PositiveFloat
+from embedkit.train.config import NonNegativeInt, PositiveFloat, added_later
 from embedkit.train.data import PairRows
-from embedkit.train.losses import Loss, info_nce
+from embedkit.train.losses import FalseNegatives, Loss, info_nce
 from embedkit.train.negatives import NEGATIVE_SELECTORS
 from embedkit.train.objectives.base import register_objective
 from embedkit.train.objectives.contrastive import ContrastiveConfig, ContrastiveObjective
@@ -29,6 +31,9 @@ class SupervisedConfig(ContrastiveConfig):
     negative_selection: str = "from_data"
     negative_settings: dict[str, Any] = {}
     instruction: str | None = None
+    symmetric: bool = added_later(
+        False, description="Also each positive against the batch's anchors (sentence-transformers' "
+                           "MultipleNegativesSymmetricRankingLoss): the loss is the mean of the two directions.")
     same_source_batches: bool = False  # the original form's same-source switch (``batches`` says it for both)
 
     @model_validator(mode="after")
@@ -96,10 +101,22 @@ class Supervised(ContrastiveObjective):
                 observe(rows, a.detach(), p.detach(), n.detach())
             if n is None and cfg.hard_negatives:  # only pairs here: other processes may still hold negatives
                 n = a.new_zeros((0, a.shape[1]))
-            return info_nce(a, p, n, temperature=cfg.temperature, gather=cfg.gather_across_processes,
-                            false_negatives=self._false_negatives(rows, flat if cfg.hard_negatives else None))
+            return self.info_nce(a, p, n, self._false_negatives(rows, flat if cfg.hard_negatives else None))
         value, finish = self.towers_loss(towers, loss_fn, rows)
         return Loss(value, float(len(rows)), tokens, finish)
+
+    def info_nce(self, anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None,
+                 rule: FalseNegatives | None) -> torch.Tensor:
+        """InfoNCE summed over the anchors; ``symmetric``: the mean of it and the positives' InfoNCE over the
+        anchors (sum over positives), with the false-negative rule reversed."""
+        cfg = self.config
+        value = info_nce(anchors, positives, negatives, temperature=cfg.temperature,
+                         gather=cfg.gather_across_processes, false_negatives=rule)
+        if not cfg.symmetric:
+            return value
+        back = info_nce(positives, anchors, temperature=cfg.temperature, gather=cfg.gather_across_processes,
+                        false_negatives=rule.reversed() if rule is not None else None)
+        return (value + back) / 2
 
     def report(self) -> dict:
         stats = getattr(self.select_negatives, "stats", None)

@@ -82,11 +82,10 @@ def open_encoder(spec: str, max_length: int) -> Embedder | PlainTexts:
     return loaded.model if loaded.backend == "embedkit" else PlainTexts(loaded)
 
 
-def score(embedder: Embedder, questions: list[str], sentences: list[str], gold: np.ndarray) -> dict[str, float]:
-    """nDCG@10 with one relevant document equals 1 / log2(rank + 1) when the rank is within 10."""
-    q = embedder.encode_queries(questions, normalize=True)
-    d = embedder.encode_documents(sentences, normalize=True)
-    scores = q @ d.T
+def score(queries: np.ndarray, documents: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+    """nDCG@10 of unit query and document vectors; with one relevant document it equals 1 / log2(rank + 1) when
+    the rank is within 10."""
+    scores = queries @ documents.T
     ranks = (scores > scores[np.arange(len(gold)), gold][:, None]).sum(1)  # 0 = first
     ndcg = np.where(ranks < 10, 1 / np.log2(ranks + 2), 0.0)
     return {"ndcg_at_10": float(ndcg.mean()), "recall_at_1": float((ranks == 0).mean()),
@@ -105,9 +104,11 @@ def main() -> None:
     docs, doc_gold = passages(sentences, gold, args.passage_sentences)
     for model in args.models:
         embedder = open_encoder(model, args.max_length)
-        by_passage = score(embedder, questions, docs, doc_gold)
-        result = {"model": model, "rows": args.rows, "sentences": len(sentences), **score(embedder, questions,
-                  sentences, gold), "passage_sentences": args.passage_sentences, "passages": len(docs),
+        queries = embedder.encode_queries(questions, normalize=True)
+        by_sentence = score(queries, embedder.encode_documents(sentences, normalize=True), gold)
+        by_passage = score(queries, embedder.encode_documents(docs, normalize=True), doc_gold)
+        result = {"model": model, "rows": args.rows, "sentences": len(sentences), **by_sentence,
+                  "passage_sentences": args.passage_sentences, "passages": len(docs),
                   **{f"passage_{k}": v for k, v in by_passage.items()},
                   "sts_dev": sts_spearman(embedder, args.data, "dev"), "cpu": describe_cpu()}
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
